@@ -1,0 +1,48 @@
+# gansteer: `make demo` and `make test` are the two commands a fresh machine needs (see README.md).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: setup demo test lint format protos zoo zoo-eval clean
+
+$(INSTALLED): services/pyproject.toml clients/python/pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first and pinned: this CPU build lies on disk; an unpinned torch pulls a multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e 'clients/python[dev]' -e 'services[dev]'
+	touch $(INSTALLED)
+
+setup: $(INSTALLED)
+
+demo: setup
+	$(BIN)/python -m gansteer_server.demo --out out/demo
+
+test: setup lint
+	$(BIN)/python protos/generate.py --check
+	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	cd clients/python && ../../$(BIN)/mypy
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+protos: setup
+	$(BIN)/python protos/generate.py
+
+# Reproduce the built-in model zoo from scratch (classifiers in minutes, the generator up to ~150 min on 2 cores;
+# it resumes from zoo-work/ if stopped), then register everything under services/gansteer_server/zoo/registry.
+zoo: setup
+	$(BIN)/python -m gansteer_server.zoo.build
+
+zoo-eval: setup
+	$(BIN)/python -m gansteer_server.zoo.evaluate
+
+clean:
+	rm -rf $(VENV) out var

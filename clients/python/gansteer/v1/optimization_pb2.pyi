@@ -1,0 +1,644 @@
+import datetime
+
+from gansteer.v1 import common_pb2 as _common_pb2
+from gansteer.v1 import scoring_pb2 as _scoring_pb2
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class BudgetUnit(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BUDGET_UNIT_UNSPECIFIED: _ClassVar[BudgetUnit]
+    BUDGET_UNIT_ITERATIONS: _ClassVar[BudgetUnit]
+    BUDGET_UNIT_GENERATOR_CALLS: _ClassVar[BudgetUnit]
+
+class Backend(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BACKEND_UNSPECIFIED: _ClassVar[Backend]
+    BACKEND_LOCAL: _ClassVar[Backend]
+    BACKEND_REMOTE: _ClassVar[Backend]
+
+class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
+    JOB_STATE_QUEUED: _ClassVar[JobState]
+    JOB_STATE_RUNNING: _ClassVar[JobState]
+    JOB_STATE_WAITING_FOR_FEEDBACK: _ClassVar[JobState]
+    JOB_STATE_SUCCEEDED: _ClassVar[JobState]
+    JOB_STATE_FAILED: _ClassVar[JobState]
+    JOB_STATE_CANCELLED: _ClassVar[JobState]
+
+class JobView(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_VIEW_UNSPECIFIED: _ClassVar[JobView]
+    JOB_VIEW_BASIC: _ClassVar[JobView]
+    JOB_VIEW_FULL: _ClassVar[JobView]
+
+class Preference(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PREFERENCE_UNSPECIFIED: _ClassVar[Preference]
+    PREFERENCE_LEFT: _ClassVar[Preference]
+    PREFERENCE_RIGHT: _ClassVar[Preference]
+    PREFERENCE_TIE: _ClassVar[Preference]
+BUDGET_UNIT_UNSPECIFIED: BudgetUnit
+BUDGET_UNIT_ITERATIONS: BudgetUnit
+BUDGET_UNIT_GENERATOR_CALLS: BudgetUnit
+BACKEND_UNSPECIFIED: Backend
+BACKEND_LOCAL: Backend
+BACKEND_REMOTE: Backend
+JOB_STATE_UNSPECIFIED: JobState
+JOB_STATE_QUEUED: JobState
+JOB_STATE_RUNNING: JobState
+JOB_STATE_WAITING_FOR_FEEDBACK: JobState
+JOB_STATE_SUCCEEDED: JobState
+JOB_STATE_FAILED: JobState
+JOB_STATE_CANCELLED: JobState
+JOB_VIEW_UNSPECIFIED: JobView
+JOB_VIEW_BASIC: JobView
+JOB_VIEW_FULL: JobView
+PREFERENCE_UNSPECIFIED: Preference
+PREFERENCE_LEFT: Preference
+PREFERENCE_RIGHT: Preference
+PREFERENCE_TIE: Preference
+
+class Budget(_message.Message):
+    __slots__ = ("unit", "amount")
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    unit: BudgetUnit
+    amount: int
+    def __init__(self, unit: _Optional[_Union[BudgetUnit, str]] = ..., amount: _Optional[int] = ...) -> None: ...
+
+class Optimizer(_message.Message):
+    __slots__ = ("name", "learning_rate", "population_size", "options")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    POPULATION_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    learning_rate: float
+    population_size: int
+    options: _struct_pb2.Struct
+    def __init__(self, name: _Optional[str] = ..., learning_rate: _Optional[float] = ..., population_size: _Optional[int] = ..., options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class InversionSpec(_message.Message):
+    __slots__ = ("targets", "generator", "discriminator", "feature_extractor", "criterion", "lambda_s", "lambda_l", "lambda_nu", "lambda_r", "optimizer", "budget", "restarts", "conditioned_class", "seed", "backend", "initial_latents")
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    GENERATOR_FIELD_NUMBER: _ClassVar[int]
+    DISCRIMINATOR_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_EXTRACTOR_FIELD_NUMBER: _ClassVar[int]
+    CRITERION_FIELD_NUMBER: _ClassVar[int]
+    LAMBDA_S_FIELD_NUMBER: _ClassVar[int]
+    LAMBDA_L_FIELD_NUMBER: _ClassVar[int]
+    LAMBDA_NU_FIELD_NUMBER: _ClassVar[int]
+    LAMBDA_R_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    CONDITIONED_CLASS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_LATENTS_FIELD_NUMBER: _ClassVar[int]
+    targets: _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]
+    generator: _common_pb2.ModelRef
+    discriminator: _common_pb2.ModelRef
+    feature_extractor: _common_pb2.ModelRef
+    criterion: str
+    lambda_s: float
+    lambda_l: float
+    lambda_nu: float
+    lambda_r: float
+    optimizer: Optimizer
+    budget: Budget
+    restarts: int
+    conditioned_class: int
+    seed: int
+    backend: Backend
+    initial_latents: _common_pb2.Tensor
+    def __init__(self, targets: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., discriminator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., feature_extractor: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., criterion: _Optional[str] = ..., lambda_s: _Optional[float] = ..., lambda_l: _Optional[float] = ..., lambda_nu: _Optional[float] = ..., lambda_r: _Optional[float] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., restarts: _Optional[int] = ..., conditioned_class: _Optional[int] = ..., seed: _Optional[int] = ..., backend: _Optional[_Union[Backend, str]] = ..., initial_latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class EmbeddingAMSpec(_message.Message):
+    __slots__ = ("generator", "classifier", "classes", "target_classes", "init", "optimizer", "budget", "samples_per_step", "resample_every", "clip_min", "clip_max", "trials", "diversity_space", "diversity_weight", "judge_classifier", "register_version", "seed", "backend")
+    GENERATOR_FIELD_NUMBER: _ClassVar[int]
+    CLASSIFIER_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    TARGET_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    INIT_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_PER_STEP_FIELD_NUMBER: _ClassVar[int]
+    RESAMPLE_EVERY_FIELD_NUMBER: _ClassVar[int]
+    CLIP_MIN_FIELD_NUMBER: _ClassVar[int]
+    CLIP_MAX_FIELD_NUMBER: _ClassVar[int]
+    TRIALS_FIELD_NUMBER: _ClassVar[int]
+    DIVERSITY_SPACE_FIELD_NUMBER: _ClassVar[int]
+    DIVERSITY_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    JUDGE_CLASSIFIER_FIELD_NUMBER: _ClassVar[int]
+    REGISTER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    generator: _common_pb2.ModelRef
+    classifier: _common_pb2.ModelRef
+    classes: _containers.RepeatedScalarFieldContainer[int]
+    target_classes: _containers.RepeatedScalarFieldContainer[int]
+    init: str
+    optimizer: Optimizer
+    budget: Budget
+    samples_per_step: int
+    resample_every: int
+    clip_min: float
+    clip_max: float
+    trials: int
+    diversity_space: str
+    diversity_weight: float
+    judge_classifier: _common_pb2.ModelRef
+    register_version: bool
+    seed: int
+    backend: Backend
+    def __init__(self, generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., classifier: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., classes: _Optional[_Iterable[int]] = ..., target_classes: _Optional[_Iterable[int]] = ..., init: _Optional[str] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., samples_per_step: _Optional[int] = ..., resample_every: _Optional[int] = ..., clip_min: _Optional[float] = ..., clip_max: _Optional[float] = ..., trials: _Optional[int] = ..., diversity_space: _Optional[str] = ..., diversity_weight: _Optional[float] = ..., judge_classifier: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., register_version: _Optional[bool] = ..., seed: _Optional[int] = ..., backend: _Optional[_Union[Backend, str]] = ...) -> None: ...
+
+class LatentSearchSpec(_message.Message):
+    __slots__ = ("generator", "objective", "optimizer", "budget", "num_results", "condition", "search_class_embedding", "perturbations", "perturbation_sigma", "percentile", "seed", "backend")
+    GENERATOR_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    NUM_RESULTS_FIELD_NUMBER: _ClassVar[int]
+    CONDITION_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_CLASS_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    PERTURBATIONS_FIELD_NUMBER: _ClassVar[int]
+    PERTURBATION_SIGMA_FIELD_NUMBER: _ClassVar[int]
+    PERCENTILE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    generator: _common_pb2.ModelRef
+    objective: _containers.RepeatedCompositeFieldContainer[_scoring_pb2.ObjectiveTerm]
+    optimizer: Optimizer
+    budget: Budget
+    num_results: int
+    condition: _common_pb2.ClassCondition
+    search_class_embedding: bool
+    perturbations: int
+    perturbation_sigma: float
+    percentile: float
+    seed: int
+    backend: Backend
+    def __init__(self, generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., objective: _Optional[_Iterable[_Union[_scoring_pb2.ObjectiveTerm, _Mapping]]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., num_results: _Optional[int] = ..., condition: _Optional[_Union[_common_pb2.ClassCondition, _Mapping]] = ..., search_class_embedding: _Optional[bool] = ..., perturbations: _Optional[int] = ..., perturbation_sigma: _Optional[float] = ..., percentile: _Optional[float] = ..., seed: _Optional[int] = ..., backend: _Optional[_Union[Backend, str]] = ...) -> None: ...
+
+class PIRTuningSpec(_message.Message):
+    __slots__ = ("generator", "discriminator", "simulated_pir", "pir_estimator", "estimator_backbone", "estimator_bins", "estimator_temperature", "estimator_learning_rate", "estimator_epochs", "num_images", "pir_weight", "learning_rate", "steps", "iterations", "anchor_weight", "eval_images", "alpha", "seed")
+    GENERATOR_FIELD_NUMBER: _ClassVar[int]
+    DISCRIMINATOR_FIELD_NUMBER: _ClassVar[int]
+    SIMULATED_PIR_FIELD_NUMBER: _ClassVar[int]
+    PIR_ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATOR_BACKBONE_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATOR_BINS_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATOR_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATOR_LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATOR_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    PIR_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    ANCHOR_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    EVAL_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    generator: _common_pb2.ModelRef
+    discriminator: _common_pb2.ModelRef
+    simulated_pir: _scoring_pb2.OutputRequest
+    pir_estimator: _common_pb2.ModelRef
+    estimator_backbone: _common_pb2.ModelRef
+    estimator_bins: int
+    estimator_temperature: float
+    estimator_learning_rate: float
+    estimator_epochs: int
+    num_images: int
+    pir_weight: float
+    learning_rate: float
+    steps: int
+    iterations: int
+    anchor_weight: float
+    eval_images: int
+    alpha: float
+    seed: int
+    def __init__(self, generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., discriminator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., simulated_pir: _Optional[_Union[_scoring_pb2.OutputRequest, _Mapping]] = ..., pir_estimator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., estimator_backbone: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., estimator_bins: _Optional[int] = ..., estimator_temperature: _Optional[float] = ..., estimator_learning_rate: _Optional[float] = ..., estimator_epochs: _Optional[int] = ..., num_images: _Optional[int] = ..., pir_weight: _Optional[float] = ..., learning_rate: _Optional[float] = ..., steps: _Optional[int] = ..., iterations: _Optional[int] = ..., anchor_weight: _Optional[float] = ..., eval_images: _Optional[int] = ..., alpha: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class HumanNESSpec(_message.Message):
+    __slots__ = ("generator", "basis_images", "basis_components", "sigma", "pairs_per_image", "images_per_round", "rounds", "learning_rate", "simulated_rater", "seed")
+    GENERATOR_FIELD_NUMBER: _ClassVar[int]
+    BASIS_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    BASIS_COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    SIGMA_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_PER_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    SIMULATED_RATER_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    generator: _common_pb2.ModelRef
+    basis_images: _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]
+    basis_components: int
+    sigma: float
+    pairs_per_image: int
+    images_per_round: int
+    rounds: int
+    learning_rate: float
+    simulated_rater: _containers.RepeatedCompositeFieldContainer[_scoring_pb2.ObjectiveTerm]
+    seed: int
+    def __init__(self, generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., basis_images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., basis_components: _Optional[int] = ..., sigma: _Optional[float] = ..., pairs_per_image: _Optional[int] = ..., images_per_round: _Optional[int] = ..., rounds: _Optional[int] = ..., learning_rate: _Optional[float] = ..., simulated_rater: _Optional[_Iterable[_Union[_scoring_pb2.ObjectiveTerm, _Mapping]]] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class InteractiveEvolutionSpec(_message.Message):
+    __slots__ = ("generator", "mu", "offspring", "sigma", "rounds", "condition", "simulated_rater", "seed")
+    GENERATOR_FIELD_NUMBER: _ClassVar[int]
+    MU_FIELD_NUMBER: _ClassVar[int]
+    OFFSPRING_FIELD_NUMBER: _ClassVar[int]
+    SIGMA_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    CONDITION_FIELD_NUMBER: _ClassVar[int]
+    SIMULATED_RATER_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    generator: _common_pb2.ModelRef
+    mu: int
+    offspring: int
+    sigma: float
+    rounds: int
+    condition: _common_pb2.ClassCondition
+    simulated_rater: _containers.RepeatedCompositeFieldContainer[_scoring_pb2.ObjectiveTerm]
+    seed: int
+    def __init__(self, generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., mu: _Optional[int] = ..., offspring: _Optional[int] = ..., sigma: _Optional[float] = ..., rounds: _Optional[int] = ..., condition: _Optional[_Union[_common_pb2.ClassCondition, _Mapping]] = ..., simulated_rater: _Optional[_Iterable[_Union[_scoring_pb2.ObjectiveTerm, _Mapping]]] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class JobSpec(_message.Message):
+    __slots__ = ("inversion", "embedding_am", "latent_search", "pir_tuning", "human_nes", "interactive_evolution", "priority", "time_limit_s", "idempotency_key", "labels", "preview_every")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    INVERSION_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_AM_FIELD_NUMBER: _ClassVar[int]
+    LATENT_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    PIR_TUNING_FIELD_NUMBER: _ClassVar[int]
+    HUMAN_NES_FIELD_NUMBER: _ClassVar[int]
+    INTERACTIVE_EVOLUTION_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TIME_LIMIT_S_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
+    inversion: InversionSpec
+    embedding_am: EmbeddingAMSpec
+    latent_search: LatentSearchSpec
+    pir_tuning: PIRTuningSpec
+    human_nes: HumanNESSpec
+    interactive_evolution: InteractiveEvolutionSpec
+    priority: int
+    time_limit_s: float
+    idempotency_key: str
+    labels: _containers.ScalarMap[str, str]
+    preview_every: int
+    def __init__(self, inversion: _Optional[_Union[InversionSpec, _Mapping]] = ..., embedding_am: _Optional[_Union[EmbeddingAMSpec, _Mapping]] = ..., latent_search: _Optional[_Union[LatentSearchSpec, _Mapping]] = ..., pir_tuning: _Optional[_Union[PIRTuningSpec, _Mapping]] = ..., human_nes: _Optional[_Union[HumanNESSpec, _Mapping]] = ..., interactive_evolution: _Optional[_Union[InteractiveEvolutionSpec, _Mapping]] = ..., priority: _Optional[int] = ..., time_limit_s: _Optional[float] = ..., idempotency_key: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., preview_every: _Optional[int] = ...) -> None: ...
+
+class FeedbackRound(_message.Message):
+    __slots__ = ("round_id", "images", "choose", "num_pairs", "round")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    CHOOSE_FIELD_NUMBER: _ClassVar[int]
+    NUM_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    images: _common_pb2.ImageBatch
+    choose: int
+    num_pairs: int
+    round: int
+    def __init__(self, round_id: _Optional[str] = ..., images: _Optional[_Union[_common_pb2.ImageBatch, _Mapping]] = ..., choose: _Optional[int] = ..., num_pairs: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = ("id", "kind", "state", "owner", "created_at", "started_at", "finished_at", "step", "total_steps", "criterion", "error", "error_details", "cancel_requested", "attempts", "last_event_id", "pending_round", "labels", "priority", "expires_at", "spec")
+    class CriterionEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    CRITERION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ERROR_DETAILS_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PENDING_ROUND_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    kind: str
+    state: JobState
+    owner: str
+    created_at: _timestamp_pb2.Timestamp
+    started_at: _timestamp_pb2.Timestamp
+    finished_at: _timestamp_pb2.Timestamp
+    step: int
+    total_steps: int
+    criterion: _containers.ScalarMap[str, float]
+    error: str
+    error_details: _containers.RepeatedCompositeFieldContainer[_common_pb2.ErrorDetail]
+    cancel_requested: bool
+    attempts: int
+    last_event_id: str
+    pending_round: FeedbackRound
+    labels: _containers.ScalarMap[str, str]
+    priority: int
+    expires_at: _timestamp_pb2.Timestamp
+    spec: JobSpec
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., owner: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., criterion: _Optional[_Mapping[str, float]] = ..., error: _Optional[str] = ..., error_details: _Optional[_Iterable[_Union[_common_pb2.ErrorDetail, _Mapping]]] = ..., cancel_requested: _Optional[bool] = ..., attempts: _Optional[int] = ..., last_event_id: _Optional[str] = ..., pending_round: _Optional[_Union[FeedbackRound, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
+
+class SubmitJobRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: JobSpec
+    def __init__(self, spec: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
+
+class SubmitJobResponse(_message.Message):
+    __slots__ = ("job_id", "existing", "job")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    EXISTING_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    existing: bool
+    job: Job
+    def __init__(self, job_id: _Optional[str] = ..., existing: _Optional[bool] = ..., job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("job_id", "view")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    view: JobView
+    def __init__(self, job_id: _Optional[str] = ..., view: _Optional[_Union[JobView, str]] = ...) -> None: ...
+
+class GetJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+
+class WatchJobRequest(_message.Message):
+    __slots__ = ("job_id", "after_event_id", "skip_previews")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SKIP_PREVIEWS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    after_event_id: str
+    skip_previews: bool
+    def __init__(self, job_id: _Optional[str] = ..., after_event_id: _Optional[str] = ..., skip_previews: _Optional[bool] = ...) -> None: ...
+
+class StateChange(_message.Message):
+    __slots__ = ("state", "previous", "message")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    state: JobState
+    previous: JobState
+    message: str
+    def __init__(self, state: _Optional[_Union[JobState, str]] = ..., previous: _Optional[_Union[JobState, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class Progress(_message.Message):
+    __slots__ = ("step", "total_steps", "criterion", "generator_calls", "elapsed_s")
+    class CriterionEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    CRITERION_FIELD_NUMBER: _ClassVar[int]
+    GENERATOR_CALLS_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    total_steps: int
+    criterion: _containers.ScalarMap[str, float]
+    generator_calls: int
+    elapsed_s: float
+    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., criterion: _Optional[_Mapping[str, float]] = ..., generator_calls: _Optional[int] = ..., elapsed_s: _Optional[float] = ...) -> None: ...
+
+class Preview(_message.Message):
+    __slots__ = ("step", "images")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    images: _common_pb2.ImageBatch
+    def __init__(self, step: _Optional[int] = ..., images: _Optional[_Union[_common_pb2.ImageBatch, _Mapping]] = ...) -> None: ...
+
+class JobEvent(_message.Message):
+    __slots__ = ("event_id", "job_id", "time", "state_change", "progress", "preview", "feedback_round", "result")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    STATE_CHANGE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_ROUND_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    job_id: str
+    time: _timestamp_pb2.Timestamp
+    state_change: StateChange
+    progress: Progress
+    preview: Preview
+    feedback_round: FeedbackRound
+    result: JobResult
+    def __init__(self, event_id: _Optional[str] = ..., job_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state_change: _Optional[_Union[StateChange, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., preview: _Optional[_Union[Preview, _Mapping]] = ..., feedback_round: _Optional[_Union[FeedbackRound, _Mapping]] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ...) -> None: ...
+
+class CancelJobRequest(_message.Message):
+    __slots__ = ("job_id", "reason")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    reason: str
+    def __init__(self, job_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CancelJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token", "states", "kind", "labels", "view")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    states: _containers.RepeatedScalarFieldContainer[JobState]
+    kind: str
+    labels: _containers.ScalarMap[str, str]
+    view: JobView
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., states: _Optional[_Iterable[_Union[JobState, str]]] = ..., kind: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., view: _Optional[_Union[JobView, str]] = ...) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs", "next_page_token")
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[Job]
+    next_page_token: str
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class GetResultRequest(_message.Message):
+    __slots__ = ("job_id", "image_format")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    image_format: _common_pb2.ImageFormat
+    def __init__(self, job_id: _Optional[str] = ..., image_format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ...) -> None: ...
+
+class CriterionCurve(_message.Message):
+    __slots__ = ("steps", "values")
+    class ValuesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _common_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    steps: _containers.RepeatedScalarFieldContainer[int]
+    values: _containers.MessageMap[str, _common_pb2.Tensor]
+    def __init__(self, steps: _Optional[_Iterable[int]] = ..., values: _Optional[_Mapping[str, _common_pb2.Tensor]] = ...) -> None: ...
+
+class ItemMetrics(_message.Message):
+    __slots__ = ("values",)
+    class ValuesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.ScalarMap[str, float]
+    def __init__(self, values: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class JobResult(_message.Message):
+    __slots__ = ("job_id", "images", "latents", "class_embeddings", "metrics", "item_metrics", "curve", "models", "tensors")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class TensorsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _common_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    CLASS_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    ITEM_METRICS_FIELD_NUMBER: _ClassVar[int]
+    CURVE_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    images: _common_pb2.ImageBatch
+    latents: _common_pb2.Tensor
+    class_embeddings: _common_pb2.Tensor
+    metrics: _containers.ScalarMap[str, float]
+    item_metrics: _containers.RepeatedCompositeFieldContainer[ItemMetrics]
+    curve: CriterionCurve
+    models: _containers.RepeatedCompositeFieldContainer[_common_pb2.ModelRef]
+    tensors: _containers.MessageMap[str, _common_pb2.Tensor]
+    def __init__(self, job_id: _Optional[str] = ..., images: _Optional[_Union[_common_pb2.ImageBatch, _Mapping]] = ..., latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., class_embeddings: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., item_metrics: _Optional[_Iterable[_Union[ItemMetrics, _Mapping]]] = ..., curve: _Optional[_Union[CriterionCurve, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_common_pb2.ModelRef, _Mapping]]] = ..., tensors: _Optional[_Mapping[str, _common_pb2.Tensor]] = ...) -> None: ...
+
+class GetResultResponse(_message.Message):
+    __slots__ = ("result",)
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    result: JobResult
+    def __init__(self, result: _Optional[_Union[JobResult, _Mapping]] = ...) -> None: ...
+
+class PairwiseJudgement(_message.Message):
+    __slots__ = ("pair", "preference")
+    PAIR_FIELD_NUMBER: _ClassVar[int]
+    PREFERENCE_FIELD_NUMBER: _ClassVar[int]
+    pair: int
+    preference: Preference
+    def __init__(self, pair: _Optional[int] = ..., preference: _Optional[_Union[Preference, str]] = ...) -> None: ...
+
+class PairwiseJudgements(_message.Message):
+    __slots__ = ("judgements",)
+    JUDGEMENTS_FIELD_NUMBER: _ClassVar[int]
+    judgements: _containers.RepeatedCompositeFieldContainer[PairwiseJudgement]
+    def __init__(self, judgements: _Optional[_Iterable[_Union[PairwiseJudgement, _Mapping]]] = ...) -> None: ...
+
+class Choice(_message.Message):
+    __slots__ = ("indices",)
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    indices: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, indices: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SubmitFeedbackRequest(_message.Message):
+    __slots__ = ("job_id", "round_id", "choice", "pairwise", "rater")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    CHOICE_FIELD_NUMBER: _ClassVar[int]
+    PAIRWISE_FIELD_NUMBER: _ClassVar[int]
+    RATER_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    round_id: str
+    choice: Choice
+    pairwise: PairwiseJudgements
+    rater: str
+    def __init__(self, job_id: _Optional[str] = ..., round_id: _Optional[str] = ..., choice: _Optional[_Union[Choice, _Mapping]] = ..., pairwise: _Optional[_Union[PairwiseJudgements, _Mapping]] = ..., rater: _Optional[str] = ...) -> None: ...
+
+class SubmitFeedbackResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...

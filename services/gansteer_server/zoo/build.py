@@ -1,0 +1,207 @@
+"""`make zoo`: reproduce the built-in models from scratch and register them with cards, safetensors weights and
+ONNX exports in the zoo shipped inside the package.
+
+Steps, each skipped when its output exists (so an interrupted run resumes): train the three classifiers, train the
+GAN (resuming from its checkpoint), then export: the generator's EMA weights with standing batch-norm statistics,
+spectral norm folded into plain weights, and register every model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.utils import parametrize
+
+from gansteer_server.data.scenes import CLASS_NAMES
+from gansteer_server.models import ModelRegistry
+from gansteer_server.models.architectures.scenes import ScenesDiscriminator, ScenesGenerator
+from gansteer_server.zoo import train_classifiers, train_gan
+
+BUILTIN_REGISTRY = Path(__file__).resolve().parent / "registry"
+_IMAGES = {"resolution": 32, "channels": 3, "value_range": [-1.0, 1.0]}
+
+
+def fold_spectral_norm(module: nn.Module) -> None:
+    """Replace every spectral-norm parametrisation by the plain weight it currently yields."""
+    for child in module.modules():
+        if parametrize.is_parametrized(child):
+            for name in list(child.parametrizations.keys()):  # type: ignore[union-attr]
+                parametrize.remove_parametrizations(child, name, leave_parametrized=True)
+
+
+@torch.no_grad()
+def standing_statistics(generator: ScenesGenerator, batches: int = 200, batch_size: int = 64, seed: int = 0) -> None:
+    """Recompute batch-norm running statistics for the EMA weights (BigGAN's standing stats): the statistics
+    tracked during training belong to the raw weights, not their average."""
+    torch.manual_seed(seed)
+    for module in generator.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average over all batches
+    generator.train()
+    for _ in range(batches):
+        labels = torch.randint(0, generator.num_classes, (batch_size,))
+        generator(torch.randn(batch_size, generator.z_size), labels)
+    for module in generator.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = 0.1
+    generator.eval()
+
+
+def export_gan(checkpoint: Path, config: train_gan.GanTrainingConfig) -> tuple[ScenesGenerator, ScenesDiscriminator]:
+    state = torch.load(checkpoint, weights_only=True)
+    generator = ScenesGenerator(widths=config.generator_widths)
+    generator.load_state_dict(state["ema"])
+    discriminator = ScenesDiscriminator(widths=config.discriminator_widths)
+    discriminator.load_state_dict(state["discriminator"])
+    for module in (generator, discriminator):
+        module.eval()
+        fold_spectral_norm(module)
+    standing_statistics(generator)
+    print(f"exported the GAN of step {int(state['step'])}", flush=True)
+    return generator, discriminator
+
+
+class _GeneratorForOnnx(nn.Module):
+    """ONNX graph G(z, embedding): the served class ids are looked up in the embedding table beforehand."""
+
+    def __init__(self, generator: ScenesGenerator) -> None:
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, z: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        return self.generator(z, embedding)
+
+
+def export_onnx(module: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str], output: str, path: Path) -> None:
+    torch.onnx.export(
+        module,
+        inputs,
+        str(path),
+        dynamo=False,
+        input_names=names,
+        output_names=[output],
+        dynamic_axes={name: {0: "batch"} for name in [*names, output]},
+        opset_version=17,
+    )
+
+
+def register(registry: ModelRegistry, name: str, card: dict[str, Any], module: nn.Module, onnx: Path | None) -> None:
+    with tempfile.TemporaryDirectory() as temp:
+        weights = Path(temp) / "weights.safetensors"
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(weights))
+        files: dict[str, Path | bytes] = {"weights.safetensors": weights}
+        card = {**card, "format": "safetensors", "weights": "weights.safetensors"}
+        if onnx is not None:
+            files["model.onnx"] = onnx
+            card["onnx"] = "model.onnx"
+        entry = registry.register(name, card, files)
+        print(f"registered {entry.ref} in {entry.folder}", flush=True)
+
+
+def build(work_dir: Path, registry_root: Path, gan_minutes: float | None, replace: bool) -> None:
+    classifier_dir = work_dir / "classifiers"
+    classifier_dir.mkdir(parents=True, exist_ok=True)
+    classifiers: dict[str, tuple[train_classifiers.ClassifierSpec, nn.Module, float]] = {}
+    for spec in train_classifiers.CLASSIFIERS:
+        weights = classifier_dir / f"{spec.name}.safetensors"
+        if not weights.exists():
+            model, held_out = train_classifiers.train_classifier(spec)
+            save_file(model.state_dict(), str(weights))
+            (classifier_dir / f"{spec.name}.accuracy").write_text(f"{held_out}\n")
+        from gansteer_server.models.architectures import build_architecture
+
+        model = build_architecture(spec.architecture, **spec.architecture_kwargs)
+        model.load_state_dict(load_file(str(weights)))
+        classifiers[spec.name] = (spec, model.eval(), float((classifier_dir / f"{spec.name}.accuracy").read_text()))
+
+    config = train_gan.GanTrainingConfig()
+    checkpoint = train_gan.train(config, work_dir / "gan", gan_minutes)
+    generator, discriminator = export_gan(checkpoint, config)
+
+    if replace:
+        for name in ("scenes-gen", "scenes-disc", *classifiers):
+            for folder in registry_root.glob(f"{name}@*"):
+                shutil.rmtree(folder)
+    registry = ModelRegistry([registry_root])
+    with tempfile.TemporaryDirectory() as temp:
+        onnx = Path(temp) / "generator.onnx"
+        z, embedding = torch.randn(2, generator.z_size), generator.embedding.weight[:2].detach()
+        export_onnx(_GeneratorForOnnx(generator), (z, embedding), ["z", "embedding"], "images", onnx)
+        register(
+            registry,
+            "scenes-gen",
+            {
+                "kind": "generator",
+                "architecture": "scenes_generator",
+                "architecture_kwargs": {"widths": list(config.generator_widths), "spectral_norm": False},
+                "latent_size": generator.z_size,
+                "latent_prior": {"type": "standard_normal"},
+                "num_classes": len(CLASS_NAMES),
+                "class_names": list(CLASS_NAMES),
+                "embedding_size": generator.embedding_size,
+                **_IMAGES,
+                "description": "BigGAN-style class-conditional generator of 32x32 scenes (EMA weights). "
+                "ONNX export takes (z, embedding); look class ids up in `embedding.weight`.",
+            },
+            generator,
+            onnx,
+        )
+        register(
+            registry,
+            "scenes-disc",
+            {
+                "kind": "discriminator",
+                "architecture": "scenes_discriminator",
+                "architecture_kwargs": {"widths": list(config.discriminator_widths), "spectral_norm": False},
+                "num_classes": len(CLASS_NAMES),
+                "class_names": list(CLASS_NAMES),
+                **_IMAGES,
+                "description": "Projection discriminator trained with scenes-gen (hinge loss); higher is more real.",
+            },
+            discriminator,
+            None,
+        )
+        for name, (spec, model, held_out) in classifiers.items():
+            onnx = Path(temp) / f"{name}.onnx"
+            export_onnx(model, (torch.zeros(2, 3, 32, 32),), ["images"], "logits", onnx)
+            register(
+                registry,
+                name,
+                {
+                    "kind": "classifier",
+                    "architecture": spec.architecture,
+                    "architecture_kwargs": spec.architecture_kwargs,
+                    "num_classes": len(spec.label_names),
+                    "class_names": list(spec.label_names),
+                    **_IMAGES,
+                    "metrics": {"held_out_accuracy": held_out},
+                    "description": f"Classifier of the scenes' {spec.label_set} labels; `features()` exposes "
+                    "stage1..stage3 and the penultimate vector.",
+                },
+                model,
+                onnx,
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--work-dir", type=Path, default=Path("zoo-work"))
+    parser.add_argument("--registry", type=Path, default=BUILTIN_REGISTRY)
+    parser.add_argument("--gan-minutes", type=float, default=None, help="wall-time budget for this GAN run")
+    parser.add_argument("--keep", action="store_true", help="add new versions instead of replacing the zoo's")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    build(args.work_dir, args.registry, args.gan_minutes, replace=not args.keep)
+
+
+if __name__ == "__main__":
+    main()
