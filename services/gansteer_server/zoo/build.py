@@ -19,12 +19,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
+from gansteer_server.config import BUILTIN_REGISTRY
 from gansteer_server.data.scenes import CLASS_NAMES
 from gansteer_server.models import ModelRegistry
+from gansteer_server.models.architectures import build_architecture
 from gansteer_server.models.architectures.scenes import ScenesDiscriminator, ScenesGenerator
 from gansteer_server.zoo import train_classifiers, train_gan
 
-BUILTIN_REGISTRY = Path(__file__).resolve().parent / "registry"
 _IMAGES = {"resolution": 32, "channels": 3, "value_range": [-1.0, 1.0]}
 
 
@@ -116,8 +117,6 @@ def build(work_dir: Path, registry_root: Path, gan_minutes: float | None, replac
             model, held_out = train_classifiers.train_classifier(spec)
             save_file(model.state_dict(), str(weights))
             (classifier_dir / f"{spec.name}.accuracy").write_text(f"{held_out}\n")
-        from gansteer_server.models.architectures import build_architecture
-
         model = build_architecture(spec.architecture, **spec.architecture_kwargs)
         model.load_state_dict(load_file(str(weights)))
         classifiers[spec.name] = (spec, model.eval(), float((classifier_dir / f"{spec.name}.accuracy").read_text()))

@@ -84,6 +84,8 @@ def train(config: GanTrainingConfig, work_dir: Path, minutes: float | None) -> P
         step = int(state["step"])
         torch.set_rng_state(state["rng"])
         print(f"resumed at step {step}", flush=True)
+    if step >= config.steps or minutes == 0:
+        return checkpoint_path
     print(f"rendering {config.train_images} training scenes", flush=True)
     data = render_scenes(config.train_images, seed=config.data_seed)
     images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)

@@ -1,0 +1,201 @@
+"""The services' one exception type and the interceptor that turns it into a gRPC status.
+
+A servicer raises `ServiceError(code, message, field)`; the interceptor answers with that status, the field in
+front of the message (`latents.data: has 12 bytes, ...`) and an `ErrorDetails` message in the trailing metadata key
+`gansteer-error-details-bin` (common.proto). Errors of the layers below (an unknown model, a bad scorer parameter)
+are translated here once, so servicers do not repeat the mapping. Anything else is a bug: INTERNAL, with the
+traceback logged under an id the client sees, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from gansteer_server.models import ModelNotFound, ModelRegistryError
+from gansteer_server.proto import common_pb2
+
+logger = logging.getLogger(__name__)
+
+ERROR_DETAILS_KEY = "gansteer-error-details-bin"
+# Observer of every finished call: (full method name, status code, seconds).
+CallObserver = Callable[[str, grpc.StatusCode, float], None]
+
+_DEFAULT_REASONS = {
+    grpc.StatusCode.INVALID_ARGUMENT: "INVALID_ARGUMENT",
+    grpc.StatusCode.NOT_FOUND: "NOT_FOUND",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "RESOURCE_EXHAUSTED",
+    grpc.StatusCode.FAILED_PRECONDITION: "FAILED_PRECONDITION",
+    grpc.StatusCode.UNAUTHENTICATED: "UNAUTHENTICATED",
+    grpc.StatusCode.UNAVAILABLE: "UNAVAILABLE",
+    grpc.StatusCode.CANCELLED: "CANCELLED",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "DEADLINE_EXCEEDED",
+}
+
+
+class ServiceError(Exception):
+    """A request the service refuses: the gRPC status code, a sentence for a person and the request field at
+    fault (a path like `condition.class_ids.ids[3]`; empty when no one field is), plus a stable `reason` code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, field: str = "", reason: str = "") -> None:
+        self.code = code
+        self.message = message
+        self.field = field
+        self.reason = reason or _DEFAULT_REASONS.get(code, code.name)
+        super().__init__(self.status_message)
+
+    @property
+    def status_message(self) -> str:
+        return f"{self.field}: {self.message}" if self.field else self.message
+
+    def details(self) -> common_pb2.ErrorDetails:
+        return common_pb2.ErrorDetails(
+            details=[common_pb2.ErrorDetail(field=self.field, reason=self.reason, message=self.message)]
+        )
+
+
+def invalid_argument(field: str, message: str, reason: str = "INVALID_ARGUMENT") -> ServiceError:
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message, field, reason)
+
+
+def not_found(field: str, message: str, reason: str = "NOT_FOUND") -> ServiceError:
+    return ServiceError(grpc.StatusCode.NOT_FOUND, message, field, reason)
+
+
+def from_value_error(error: ValueError, reason: str = "INVALID_ARGUMENT") -> ServiceError:
+    """INVALID_ARGUMENT from a ValueError whose text starts with `field: ` (as `gansteer.tensors` raises them)."""
+    field, sep, message = str(error).partition(": ")
+    if not sep or " " in field:
+        return invalid_argument("", str(error), reason)
+    return invalid_argument(field, message, reason)
+
+
+def translate(error: BaseException) -> ServiceError | None:
+    """The ServiceError for an error of a lower layer the client caused or can act on; None for a bug."""
+    if isinstance(error, ServiceError):
+        return error
+    if isinstance(error, ModelNotFound):
+        return not_found("model", error.message, "UNKNOWN_MODEL")
+    if isinstance(error, ModelRegistryError):
+        if error.field == "ref":  # a malformed reference is the client's text
+            return invalid_argument("model", error.message, "BAD_MODEL_REF")
+        # A broken card or weight file on the server: the client cannot fix it, the operator can.
+        return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, str(error), "model", "BROKEN_MODEL")
+    scorer_error = _scorer_input_error()
+    if scorer_error is not None and isinstance(error, scorer_error):
+        return invalid_argument(getattr(error, "field", ""), getattr(error, "message", str(error)), "BAD_PARAMS")
+    return None
+
+
+def _scorer_input_error() -> type[Exception] | None:
+    try:
+        from gansteer_server.algorithms.scorers import ScorerInputError
+    except ImportError:
+        return None
+    return ScorerInputError
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Outermost interceptor: translates errors into statuses and reports every call to `observer` (metrics)."""
+
+    def __init__(self, observer: CallObserver | None = None) -> None:
+        self._observer = observer
+
+    def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None], details: Any
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        return wrap_handler(handler, lambda behaviour, streaming: self._guard(details.method, behaviour, streaming))
+
+    def _guard(self, method: str, behaviour: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
+        if streaming:
+
+            def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                start = time.perf_counter()
+                try:
+                    yield from behaviour(request, context)
+                except BaseException as error:  # every error becomes a status, never a crash
+                    self._abort(context, error, method)
+                finally:
+                    self._observe(method, context, start)
+
+            return stream
+
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            start = time.perf_counter()
+            try:
+                return behaviour(request, context)
+            except BaseException as error:
+                self._abort(context, error, method)
+            finally:
+                self._observe(method, context, start)
+
+        return unary
+
+    def _abort(self, context: grpc.ServicerContext, error: BaseException, method: str) -> None:
+        if isinstance(error, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise error
+        if _is_abort(context):
+            raise error  # an abort raised below this interceptor already carries its status
+        service_error = translate(error)
+        if service_error is None:
+            incident = uuid.uuid4().hex[:12]
+            logger.error(
+                "internal error in %s (incident %s)", method, incident, exc_info=error, extra={"incident": incident}
+            )
+            service_error = ServiceError(
+                grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); the server logged it", "", "INTERNAL"
+            )
+        else:
+            logger.info(
+                "refused %s: %s %s",
+                method,
+                service_error.code.name,
+                service_error.status_message,
+                extra={"method": method, "code": service_error.code.name, "field": service_error.field},
+            )
+        context.set_trailing_metadata(((ERROR_DETAILS_KEY, service_error.details().SerializeToString()),))
+        context.abort(service_error.code, service_error.status_message)
+
+    def _observe(self, method: str, context: grpc.ServicerContext, start: float) -> None:
+        if self._observer is None:
+            return
+        code = context.code() if hasattr(context, "code") else None
+        self._observer(method, code or grpc.StatusCode.OK, time.perf_counter() - start)
+
+
+def _is_abort(context: grpc.ServicerContext) -> bool:
+    code = context.code() if hasattr(context, "code") else None
+    return code is not None and code != grpc.StatusCode.OK
+
+
+def wrap_handler(
+    handler: grpc.RpcMethodHandler, wrap: Callable[[Callable[..., Any], bool], Callable[..., Any]]
+) -> grpc.RpcMethodHandler:
+    """The same handler with its behaviour replaced by `wrap(behaviour, response_streaming)`."""
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary, False), **kwargs)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream, True), **kwargs)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary, False), **kwargs)
+    return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream, True), **kwargs)
+
+
+def error_details(error: grpc.RpcError) -> list[common_pb2.ErrorDetail]:
+    """The ErrorDetail entries a gansteer server attached to a failed call (client side; empty when none)."""
+    for key, value in error.trailing_metadata() or ():  # type: ignore[attr-defined]
+        if key == ERROR_DETAILS_KEY:
+            return list(common_pb2.ErrorDetails.FromString(value).details)
+    return []
