@@ -2,9 +2,94 @@
 
 The services generate images from registered generators, score images with classifiers, discriminators and
 simulated interaction objectives, and run long optimisation jobs (inversion of a target image, embedding
-activation maximisation, latent search, PIR tuning, interactive evolution). This package holds the wire protocol
-(`gansteer.v1`) and the helpers that convert numpy arrays and images to and from it (`gansteer.tensors`); it never
-depends on torch.
+activation maximisation, latent search, PIR tuning, interactive evolution). This package holds the client
+(`Client`, `Job`, the asyncio `AsyncClient`), the wire protocol (`gansteer.v1`) and the helpers that convert numpy
+arrays and images to and from it (`gansteer.tensors`); it never depends on torch or on the server package.
+
+    import gansteer
+
+    client = gansteer.Client("localhost:50053")
+    job = client.invert("photo.png", model="scenes-gen", budget=300)
+    result = job.result()          # waits, with a progress bar: job.wait(progress=True)
+    result.images[0].save("best.png")
+
+`gansteer.embedded()` runs the whole stack in this process when the server package is installed.
 """
 
+from gansteer.aio import AsyncClient, AsyncJob
+from gansteer.client import Client
+from gansteer.embedded import embedded
+from gansteer.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    ErrorDetail,
+    FailedPrecondition,
+    GansteerError,
+    Internal,
+    InvalidArgument,
+    JobCancelled,
+    JobFailed,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from gansteer.job import Job
+from gansteer.types import (
+    CriterionCurve,
+    FeedbackRoundEvent,
+    GenerationResult,
+    InversionResult,
+    JobEvent,
+    JobResult,
+    JobState,
+    JobStatus,
+    ModelInfo,
+    PreviewEvent,
+    ProgressEvent,
+    ResultEvent,
+    ScoreOutput,
+    ScoreResult,
+    StateChanged,
+)
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "AsyncClient",
+    "AsyncJob",
+    "Cancelled",
+    "Client",
+    "CriterionCurve",
+    "DeadlineExceeded",
+    "ErrorDetail",
+    "FailedPrecondition",
+    "FeedbackRoundEvent",
+    "GansteerError",
+    "GenerationResult",
+    "Internal",
+    "InvalidArgument",
+    "InversionResult",
+    "Job",
+    "JobCancelled",
+    "JobEvent",
+    "JobFailed",
+    "JobResult",
+    "JobState",
+    "JobStatus",
+    "ModelInfo",
+    "NotFound",
+    "PermissionDenied",
+    "PreviewEvent",
+    "ProgressEvent",
+    "ResourceExhausted",
+    "ResultEvent",
+    "ScoreOutput",
+    "ScoreResult",
+    "StateChanged",
+    "Unauthenticated",
+    "Unavailable",
+    "__version__",
+    "embedded",
+]

@@ -1,4 +1,4 @@
-"""The simulated interaction objectives of seed 000 (PIR paper, appendix C.4): pure tensor math, no registry.
+"""The simulated interaction objectives of seed 000 (PIR paper, appendix C.4), registered as scorer outputs.
 
 Each objective is a ratio of l2 norms, so it lies in [0, 1] and can stand in for a positive-interaction rate: a
 chosen part of a signal (k filters of a layer, one colour channel in a band of the image) over the whole signal.
@@ -14,6 +14,15 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from gansteer_server.algorithms.scorers import (
+    LAYER_PARAM,
+    ParamSpec,
+    ScorerInputError,
+    ScoringModels,
+    layer_activations,
+    register_output,
+)
 
 # Squared-norm floor: keeps sqrt and the division differentiable at zero; far below any real activation's energy.
 _TINY = 1e-12
@@ -44,7 +53,7 @@ def select_filters(num_filters: int, k: int, seed: int = 0, offset: int = -1) ->
     return torch.randperm(num_filters, generator=generator)[:k]
 
 
-def filter_norm_ratio(activations: Tensor, filters: Tensor) -> Tensor:
+def filter_ratio(activations: Tensor, filters: Tensor) -> Tensor:
     """PIR_{l,f,k}(i) = sqrt(sum_j |VGG_{l,a_j}(i)|^2 / sum_f |VGG_{l,f}(i)|^2) (appendix C.4.2; C.4.1 is k = 1).
 
     `activations` is one layer's output (N, C, ...): filter f's activation vector is everything after the channel
@@ -69,5 +78,80 @@ def colour_band_ratio(images: Tensor, colours: Sequence[str]) -> Tensor:
     """
     pixels = (images + 1) / 2
     bands = torch.tensor_split(pixels, len(colours), dim=3)
-    part_sq = sum(band[:, COLOURS[colour]].square().sum(dim=(1, 2)) for band, colour in zip(bands, colours, strict=True))
+    part_sq = sum(
+        band[:, COLOURS[colour]].square().sum(dim=(1, 2)) for band, colour in zip(bands, colours, strict=True)
+    )
     return norm_ratio(part_sq, pixels.square().sum(dim=(1, 2, 3)))
+
+
+# --- the registered outputs ---------------------------------------------------------------------------------------
+
+
+@register_output(
+    "filter_norm_ratio",
+    "l2 norm of k filters' activations over that of the whole layer, in [0, 1] (seed 000, C.4.1-C.4.2)",
+    {
+        "layer": LAYER_PARAM,
+        "k": ParamSpec("int", default=1, min=1, doc="number of target filters (the seed uses 1 and 20)"),
+        "seed": ParamSpec(
+            "int", default=0, min=0, max=2**63 - 1, doc="seed of the filters sampled without replacement"
+        ),
+        "offset": ParamSpec("int", default=-1, min=-1, doc=">= 0: use filters offset..offset+k-1 instead of sampling"),
+    },
+    model="feature_extractor",
+    is_rate=True,
+)
+def filter_norm_ratio(images: Tensor, models: ScoringModels, layer: str, k: int, seed: int, offset: int) -> Tensor:
+    activations = layer_activations(images, models, layer)
+    num_filters = activations.shape[1]
+    if k > num_filters:
+        raise ScorerInputError("params.k", f"{k} exceeds the {num_filters} filters of layer {layer!r}")
+    if offset + k > num_filters:
+        raise ScorerInputError("params.offset", f"offset {offset} + k {k} exceeds the {num_filters} filters")
+    return filter_ratio(activations, select_filters(num_filters, k, seed, offset))
+
+
+def _colour(default: str, position: str) -> ParamSpec:
+    return ParamSpec("str", default=default, choices=tuple(COLOURS), doc=f"colour of the {position}")
+
+
+def _colour_objective(images: Tensor, colours: Sequence[str]) -> Tensor:
+    if images.shape[1] != 3:
+        raise ScorerInputError("images", f"colour objectives need RGB images, got {images.shape[1]} channels")
+    if images.shape[3] < len(colours):
+        raise ScorerInputError("images", f"{images.shape[3]} columns cannot split into {len(colours)} bands")
+    return colour_band_ratio(images, colours)
+
+
+@register_output(
+    "colour_single",
+    "l2 norm of one colour channel over that of the whole image, in [0, 1] (seed 000, C.4.3 PIR_red)",
+    {"colour": _colour("red", "image")},
+    is_rate=True,
+)
+def colour_single(images: Tensor, models: ScoringModels, colour: str) -> Tensor:
+    return _colour_objective(images, [colour])
+
+
+@register_output(
+    "colour_two",
+    "one colour in the left half and another in the right half, over the whole image, in [0, 1] (seed 000, C.4.3)",
+    {"left": _colour("red", "left half"), "right": _colour("blue", "right half")},
+    is_rate=True,
+)
+def colour_two(images: Tensor, models: ScoringModels, left: str, right: str) -> Tensor:
+    return _colour_objective(images, [left, right])
+
+
+@register_output(
+    "colour_three",
+    "a colour in each third of the width, left to right, over the whole image, in [0, 1] (seed 000, C.4.3)",
+    {
+        "left": _colour("red", "left third"),
+        "middle": _colour("green", "middle third"),
+        "right": _colour("blue", "right third"),
+    },
+    is_rate=True,
+)
+def colour_three(images: Tensor, models: ScoringModels, left: str, middle: str, right: str) -> Tensor:
+    return _colour_objective(images, [left, middle, right])

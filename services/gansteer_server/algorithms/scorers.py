@@ -7,6 +7,10 @@ in the batch (models must be in eval mode), and is differentiable w.r.t. the ima
 
 Errors a client can cause raise `ScorerInputError` naming the request field, relative to the output spec
 (`params.k`, `model`, `output`), prefixed with `field=` by the callers (`outputs[0]` gives `outputs[0].params.k`).
+
+A Score request computes each output with `compute_output` inside one `shared_forwards()` block (one forward per
+model); ScoreGrad calls `objective_and_grad`. This module holds the registry and the model outputs (classifier,
+discriminator, feature extractor, PIR estimator); `objectives` holds seed 000's model-free and feature objectives.
 """
 
 from __future__ import annotations
@@ -15,14 +19,12 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from gansteer_server.algorithms import objectives
 
 #: Impressions per image in the seed's simulated data (seed 000, section 2.2: 1000 images shown 1000 times each).
 DEFAULT_IMPRESSIONS = 1000
@@ -38,18 +40,24 @@ def _join(prefix: str, name: str) -> str:
 
 
 class ScorerInputError(ValueError):
-    """A request the scoring core cannot serve; `field` names the request field at fault (INVALID_ARGUMENT)."""
+    """A request the scoring core cannot serve; `field` names the request field at fault (INVALID_ARGUMENT).
+
+    Fields are relative to the output spec (`params.k`) except those naming the request's `images`, which are
+    absolute; `prefixed` places the former under a spec's own field (`outputs[0]`).
+    """
 
     def __init__(self, field: str, message: str) -> None:
+        super().__init__(field, message)
         self.field, self.message = field, message
-        super().__init__(f"{field}: {message}")
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
 
     def prefixed(self, prefix: str) -> ScorerInputError:
         """The same error with its field placed under `prefix` (e.g. `terms[2].output`)."""
-        error = type(self).__new__(type(self))
-        error.__dict__.update(self.__dict__)
-        ScorerInputError.__init__(error, _join(prefix, self.field), self.message)
-        return error
+        if self.field == "images" or self.field.startswith("images."):
+            return self
+        return type(self)(_join(prefix, self.field), *self.args[1:])
 
 
 class UnknownOutputError(ScorerInputError):
@@ -59,9 +67,10 @@ class UnknownOutputError(ScorerInputError):
 class MissingModelError(ScorerInputError):
     """The output needs a model that the request did not provide; `model_field` is the `ScoringModels` field."""
 
-    def __init__(self, field: str, message: str, model_field: str = "") -> None:
-        self.model_field = model_field
+    def __init__(self, field: str, message: str, model_field: str) -> None:
         super().__init__(field, message)
+        self.args = (field, message, model_field)
+        self.model_field = model_field
 
 
 @dataclass(frozen=True)
@@ -206,29 +215,12 @@ def get_output(name: str, *, field: str = "") -> OutputSpec:
 
 
 def describe_outputs() -> list[dict[str, Any]]:
-    """Plain-data descriptions of every output, sorted by name, for ListScorers."""
+    """Plain-data descriptions of every output, sorted by name, for ListScorers (all outputs are per image)."""
     return [
         {
-            "name": spec.name,
-            "description": spec.description,
-            "model": spec.model,
-            "shape": spec.shape,
-            "is_rate": spec.is_rate,
-            "differentiable": spec.differentiable,
+            **{key: value for key, value in asdict(spec).items() if key not in ("fn", "params")},
             "per_image": True,
-            "params": [
-                {
-                    "name": param_name,
-                    "type": param.type,
-                    "default": param.default,
-                    "required": param.required,
-                    "min": param.min,
-                    "max": param.max,
-                    "choices": list(param.choices) if param.choices is not None else None,
-                    "doc": param.doc,
-                }
-                for param_name, param in spec.params.items()
-            ],
+            "params": [{"name": param_name, **asdict(param)} for param_name, param in spec.params.items()],
         }
         for spec in (_OUTPUTS[name] for name in output_names())
     ]
@@ -269,7 +261,9 @@ def apply_binomial_noise(values: Tensor, impressions: int, seed: int) -> Tensor:
     return (counts / impressions).to(values.device, values.dtype)
 
 
-_FORWARDS: ContextVar[dict[tuple[str, int, int], Tensor] | None] = ContextVar("scorer_forwards", default=None)
+_FORWARDS: ContextVar[dict[tuple[str, int, int], tuple[Tensor, Tensor]] | None] = ContextVar(
+    "scorer_forwards", default=None
+)
 
 
 @contextmanager
@@ -288,8 +282,8 @@ def _forward(kind: str, module: nn.Module, images: Tensor, run: Callable[[], Ten
         return run()
     key = (kind, id(module), id(images))
     if key not in cache:
-        cache[key] = run()
-    return cache[key]
+        cache[key] = (images, run())  # holding the images keeps their id from being reused within the block
+    return cache[key][1]
 
 
 def compute_output(
@@ -364,11 +358,11 @@ def objective_and_grad(
     """The objective (N,), its gradient w.r.t. the images (N, C, H, W) and the terms' values, all detached.
 
     Uses torch.autograd.grad on the images alone, so the models' parameters gather no `.grad` (safe to run
-    concurrently on shared models). Each image's objective depends only on that image, so the gradient of the sum
-    is every image's own gradient.
+    concurrently on shared models); call it outside `torch.inference_mode()`. Each image's objective depends only on
+    that image, so the gradient of the sum is every image's own gradient.
     """
     with torch.enable_grad():
-        leaf = images.detach().requires_grad_(True)
+        leaf = images.detach().clone().requires_grad_(True)  # a copy, also of an inference-mode tensor
         total, values = objective_terms(leaf, models, terms)
         if total.requires_grad:
             (grad,) = torch.autograd.grad(total.sum(), leaf)
@@ -391,9 +385,9 @@ def _logits(images: Tensor, models: ScoringModels) -> Tensor:
     return logits
 
 
-def _check_class(class_id: int, num_classes: int, param: str = "class_id") -> None:
+def _check_class(class_id: int, num_classes: int) -> None:
     if class_id >= num_classes:
-        raise ScorerInputError(f"params.{param}", f"{class_id} is out of range; the model has {num_classes} classes")
+        raise ScorerInputError("params.class_id", f"{class_id} is out of range; the model has {num_classes} classes")
 
 
 def _top_k(images: Tensor, models: ScoringModels, k: int) -> tuple[Tensor, Tensor]:
@@ -432,9 +426,7 @@ def class_log_prob(images: Tensor, models: ScoringModels, class_id: int) -> Tens
     return values[:, class_id]
 
 
-@register_output(
-    "class_prob", "one class's probability", {"class_id": _CLASS_ID}, model="classifier", is_rate=True
-)
+@register_output("class_prob", "one class's probability", {"class_id": _CLASS_ID}, model="classifier", is_rate=True)
 def class_prob(images: Tensor, models: ScoringModels, class_id: int) -> Tensor:
     return class_log_prob(images, models, class_id).exp()
 
@@ -489,10 +481,11 @@ def realism(images: Tensor, models: ScoringModels, class_id: int | None) -> Tens
     return score
 
 
-_LAYER = ParamSpec("str", required=True, doc="a layer of the feature extractor's features() (built-in: stage1..3)")
+LAYER_PARAM = ParamSpec("str", required=True, doc="a layer of the feature extractor's features() (built-in: stage1..3)")
 
 
-def _layer(images: Tensor, models: ScoringModels, layer: str) -> Tensor:
+def layer_activations(images: Tensor, models: ScoringModels, layer: str) -> Tensor:
+    """One layer of the feature extractor's `features()`, computed once per images tensor in `shared_forwards()`."""
     extractor = models.require("feature_extractor", "feature output")
     known = getattr(extractor, "feature_names", None)
     if known is not None and layer not in known:
@@ -504,22 +497,25 @@ def _layer(images: Tensor, models: ScoringModels, layer: str) -> Tensor:
 
 
 @register_output(
-    "features", "one layer's activations, flattened per image", {"layer": _LAYER}, model="feature_extractor",
+    "features",
+    "one layer's activations, flattened per image",
+    {"layer": LAYER_PARAM},
+    model="feature_extractor",
     shape="(N, D)",
-)  # fmt: skip
+)
 def features(images: Tensor, models: ScoringModels, layer: str) -> Tensor:
-    return _layer(images, models, layer).flatten(1)
+    return layer_activations(images, models, layer).flatten(1)
 
 
 @register_output(
     "feature_stats",
     "per-channel spatial mean then standard deviation of one conv layer (the statistics seed 003's criterion matches)",
-    {"layer": _LAYER},
+    {"layer": LAYER_PARAM},
     model="feature_extractor",
     shape="(N, 2 * channels)",
 )
 def feature_stats(images: Tensor, models: ScoringModels, layer: str) -> Tensor:
-    activations = _layer(images, models, layer)
+    activations = layer_activations(images, models, layer)
     if activations.dim() < 3:
         raise ScorerInputError("params.layer", f"{layer!r} has no spatial dimensions; use `features`")
     flat = activations.flatten(2)
@@ -550,68 +546,6 @@ def pir(images: Tensor, models: ScoringModels, temperature: float) -> Tensor:
     return F.softmax(bin_logits / temperature, dim=1) @ centres
 
 
-# --- simulated interaction objectives (seed 000, appendix C.4) -----------------------------------------------------
-
-
-@register_output(
-    "filter_norm_ratio",
-    "l2 norm of k filters' activations over that of the whole layer, in [0, 1] (seed 000, C.4.1-C.4.2)",
-    {
-        "layer": _LAYER,
-        "k": ParamSpec("int", default=1, min=1, doc="number of target filters (the seed uses 1 and 20)"),
-        "seed": ParamSpec("int", default=0, min=0, max=2**63 - 1, doc="seed of the filters sampled without replacement"),
-        "offset": ParamSpec("int", default=-1, min=-1, doc=">= 0: use filters offset..offset+k-1 instead of sampling"),
-    },
-    model="feature_extractor",
-    is_rate=True,
-)
-def filter_norm_ratio(images: Tensor, models: ScoringModels, layer: str, k: int, seed: int, offset: int) -> Tensor:
-    activations = _layer(images, models, layer)
-    num_filters = activations.shape[1]
-    if k > num_filters:
-        raise ScorerInputError("params.k", f"{k} exceeds the {num_filters} filters of layer {layer!r}")
-    if offset + k > num_filters:
-        raise ScorerInputError("params.offset", f"offset {offset} + k {k} exceeds the {num_filters} filters")
-    return objectives.filter_norm_ratio(activations, objectives.select_filters(num_filters, k, seed, offset))
-
-
-def _colour(default: str, position: str) -> ParamSpec:
-    return ParamSpec("str", default=default, choices=tuple(objectives.COLOURS), doc=f"colour of the {position}")
-
-
-def _colour_objective(images: Tensor, colours: Sequence[str]) -> Tensor:
-    if images.shape[1] != 3:
-        raise ScorerInputError("images", f"colour objectives need RGB images, got {images.shape[1]} channels")
-    if images.shape[3] < len(colours):
-        raise ScorerInputError("images", f"{images.shape[3]} columns cannot split into {len(colours)} bands")
-    return objectives.colour_band_ratio(images, colours)
-
-
-@register_output(
-    "colour_single",
-    "l2 norm of one colour channel over that of the whole image, in [0, 1] (seed 000, C.4.3 PIR_red)",
-    {"colour": _colour("red", "image")},
-    is_rate=True,
-)
-def colour_single(images: Tensor, models: ScoringModels, colour: str) -> Tensor:
-    return _colour_objective(images, [colour])
-
-
-@register_output(
-    "colour_two",
-    "one colour in the left half and another in the right half, over the whole image, in [0, 1] (seed 000, C.4.3)",
-    {"left": _colour("red", "left half"), "right": _colour("blue", "right half")},
-    is_rate=True,
-)
-def colour_two(images: Tensor, models: ScoringModels, left: str, right: str) -> Tensor:
-    return _colour_objective(images, [left, right])
-
-
-@register_output(
-    "colour_three",
-    "a colour in each third of the width, left to right, over the whole image, in [0, 1] (seed 000, C.4.3)",
-    {"left": _colour("red", "left third"), "middle": _colour("green", "middle third"), "right": _colour("blue", "right third")},
-    is_rate=True,
-)
-def colour_three(images: Tensor, models: ScoringModels, left: str, middle: str, right: str) -> Tensor:
-    return _colour_objective(images, [left, middle, right])
+# The simulated interaction objectives (seed 000, appendix C.4) register themselves on import; imported last because
+# they build on the registry above.
+from gansteer_server.algorithms import objectives  # noqa: E402, F401

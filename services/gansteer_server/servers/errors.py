@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from gansteer_server.algorithms import scorers
 from gansteer_server.models import ModelNotFound, ModelRegistryError
 from gansteer_server.proto import common_pb2
 
@@ -86,18 +87,11 @@ def translate(error: BaseException) -> ServiceError | None:
             return invalid_argument("model", error.message, "BAD_MODEL_REF")
         # A broken card or weight file on the server: the client cannot fix it, the operator can.
         return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, str(error), "model", "BROKEN_MODEL")
-    scorer_error = _scorer_input_error()
-    if scorer_error is not None and isinstance(error, scorer_error):
-        return invalid_argument(getattr(error, "field", ""), getattr(error, "message", str(error)), "BAD_PARAMS")
+    if isinstance(error, scorers.UnknownOutputError):
+        return not_found(error.field, error.message, "UNKNOWN_OUTPUT")
+    if isinstance(error, scorers.ScorerInputError):
+        return invalid_argument(error.field, error.message, "BAD_SCORER_INPUT")
     return None
-
-
-def _scorer_input_error() -> type[Exception] | None:
-    try:
-        from gansteer_server.algorithms.scorers import ScorerInputError
-    except ImportError:
-        return None
-    return ScorerInputError
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):

@@ -1,0 +1,421 @@
+"""`gansteer`: the command line over the SDK: start a local stack, list models, generate, invert, manage jobs.
+
+Scripts rely on two things: `--json` (one JSON document on stdout; `jobs watch --json` writes one per event) and the
+exit codes, which say what went wrong without parsing messages:
+
+    0 ok, 1 any other error, 2 usage, 3 invalid argument (the server's or the CLI's check), 4 not found,
+    5 unavailable or deadline exceeded, 6 job failed or cancelled, 130 interrupted (Ctrl-C)
+
+Connection options (`--target`, `--api-key` ...) default to the variables GANSTEER_TARGET,
+GANSTEER_GENERATION_TARGET, GANSTEER_SCORING_TARGET and GANSTEER_API_KEY.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, is_dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gansteer import errors
+from gansteer.client import DEFAULT_TARGET, Client
+from gansteer.images import image_grid, save_inversion
+from gansteer.job import Job
+from gansteer.types import JobEvent, JobState, ProgressEvent, StateChanged
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_UNAVAILABLE, EXIT_JOB_FAILED = 0, 1, 2, 3, 4, 5, 6
+EXIT_INTERRUPTED = 130
+
+_EXIT_CODES: list[tuple[type[BaseException], int]] = [
+    (errors.JobFailed, EXIT_JOB_FAILED),
+    (errors.InvalidArgument, EXIT_INVALID),
+    (errors.FailedPrecondition, EXIT_INVALID),
+    (errors.NotFound, EXIT_NOT_FOUND),
+    (errors.Unavailable, EXIT_UNAVAILABLE),
+    (errors.DeadlineExceeded, EXIT_UNAVAILABLE),
+    (FileNotFoundError, EXIT_INVALID),
+]
+
+
+def exit_code(error: BaseException) -> int:
+    """The documented exit code for an error escaping a command."""
+    for cls, code in _EXIT_CODES:
+        if isinstance(error, cls):
+            return code
+    return EXIT_ERROR
+
+
+# --- output -------------------------------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready copy of SDK values (dataclasses, enums, datetimes, arrays, paths); images are left out."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {k: _plain(v) for k, v in asdict(value).items() if k not in ("images", "card")}
+    if isinstance(value, JobState):
+        return value.value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _emit(args: argparse.Namespace, document: Any, text: Callable[[], str]) -> None:
+    print(json.dumps(_plain(document), indent=2) if args.json else text())
+
+
+def _event_text(event: JobEvent) -> str:
+    if isinstance(event, ProgressEvent):
+        total = event.criterion.get("total")
+        shown = f" criterion {total:.5g}" if total is not None else ""
+        return f"step {event.step}/{event.total_steps or '?'}{shown}"
+    if isinstance(event, StateChanged):
+        return f"{event.previous.value} -> {event.state.value}" + (f": {event.message}" if event.message else "")
+    return type(event).__name__
+
+
+# --- commands -----------------------------------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(
+        args.target,
+        api_key=args.api_key or None,
+        generation_target=args.generation_target or None,
+        scoring_target=args.scoring_target or None,
+        timeout=args.timeout,
+    )
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        models = client.models(args.kind, name_contains=args.name, all_versions=args.all_versions)
+    _emit(
+        args,
+        models,
+        lambda: (
+            "\n".join(f"{m.ref:28} {m.kind:18} {m.resolution:>4}px  {m.description}" for m in models) or "no models"
+        ),
+    )
+    return EXIT_OK
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    classes = [int(c) if c.isdigit() else c for c in args.classes] if args.classes else None
+    with _client(args) as client:
+        result = client.generate(args.model, args.n, seed=args.seed, classes=classes, truncation=args.truncation)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(result.images):
+        paths.append(out / f"image_{i}.png")
+        image.save(paths[-1])
+    np.save(out / "latents.npy", result.latents)
+    image_grid([result.images]).save(out / "grid.png")
+    document = {
+        "model": result.model,
+        "images": paths,
+        "grid": out / "grid.png",
+        "class_ids": result.class_ids,
+        "latents": out / "latents.npy",
+    }
+    _emit(args, document, lambda: "\n".join(str(p) for p in [*paths, out / "grid.png"]))
+    return EXIT_OK
+
+
+def _wait_and_save(args: argparse.Namespace, job: Job, targets: Sequence[Any] | None) -> int:
+    try:
+        job.wait(progress=not args.json and not args.quiet)
+    except KeyboardInterrupt:
+        if getattr(args, "cancel_on_interrupt", False):
+            job.cancel("interrupted from the command line")
+            print(f"cancelled job {job.id}", file=sys.stderr)
+        raise
+    result = job.result(wait=False)
+    document: dict[str, Any] = {
+        "job_id": job.id,
+        "state": "succeeded",
+        "metrics": result.metrics,
+        "items": result.item_metrics,
+    }
+    lines = [f"job {job.id} succeeded"]
+    if args.out:
+        saved = save_inversion(result, list(targets) if targets is not None else job.targets(), args.out)
+        document.update(files=saved)
+        lines += [f"grid: {saved.grid}", *(f"result: {p}" for p in saved.results)]
+    for i, item in enumerate(result.item_metrics):
+        lines.append(f"target {i}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(item.items())))
+    _emit(args, document, lambda: "\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_invert(args: argparse.Namespace) -> int:
+    from PIL import Image as PILImage
+
+    targets = []
+    for path in args.targets:
+        if not Path(path).is_file():
+            raise errors.InvalidArgument(f"{path}: no such file")
+        targets.append(path)
+    conditioned = None
+    if args.conditioned_class is not None:
+        conditioned = int(args.conditioned_class) if args.conditioned_class.isdigit() else args.conditioned_class
+    with _client(args) as client:
+        job = client.invert(
+            targets,
+            model=args.model,
+            criterion=args.criterion,
+            optimizer=args.optimizer,
+            budget=args.budget,
+            budget_unit=args.budget_unit,
+            conditioned_class=conditioned,
+            restarts=args.restarts,
+            seed=args.seed,
+            learning_rate=args.learning_rate,
+            backend=args.backend,
+        )
+        if args.no_wait:
+            _emit(args, {"job_id": job.id, "state": "queued"}, lambda: job.id)
+            return EXIT_OK
+        if not args.json:
+            print(f"submitted job {job.id}", file=sys.stderr)
+        images = []
+        for path in targets:
+            with PILImage.open(path) as image:
+                images.append(image.convert("RGB"))
+        args.cancel_on_interrupt = True
+        return _wait_and_save(args, job, images)
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        jobs = list(client.jobs(states=args.states or (), kind=args.kind, limit=args.limit))
+    _emit(
+        args,
+        jobs,
+        lambda: (
+            "\n".join(
+                f"{j.id}  {j.kind:12} {j.state.value:10} step {j.step}/{j.total_steps}"
+                + (f"  criterion {j.criterion['total']:.4g}" if "total" in j.criterion else "")
+                for j in jobs
+            )
+            or "no jobs"
+        ),
+    )
+    return EXIT_OK
+
+
+def cmd_jobs_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status = client.job(args.job_id).status()
+    _emit(
+        args, status, lambda: f"{status.id} {status.kind} {status.state.value} step {status.step}/{status.total_steps}"
+    )
+    return EXIT_OK
+
+
+def cmd_jobs_watch(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.job(args.job_id)
+        if not args.json:
+            job.wait(progress=not args.quiet)
+            print(f"job {job.id} succeeded")
+            return EXIT_OK
+        final = JobState.UNSPECIFIED
+        for event in job.watch(previews=False):
+            print(json.dumps({"type": type(event).__name__, **_plain(event)}), flush=True)
+            if isinstance(event, StateChanged):
+                final = event.state
+        return EXIT_OK if final == JobState.SUCCEEDED else EXIT_JOB_FAILED
+
+
+def cmd_jobs_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status = client.job(args.job_id).cancel(args.reason)
+    _emit(args, status, lambda: f"cancel requested for {status.id} (now {status.state.value})")
+    return EXIT_OK
+
+
+def cmd_jobs_result(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.job(args.job_id)
+        if args.no_wait:
+            status = job.status()
+            if status.state in (JobState.FAILED, JobState.CANCELLED):
+                raise errors.JobCancelled(status) if status.state == JobState.CANCELLED else errors.JobFailed(status)
+            result = job.result(wait=False)
+            document: dict[str, Any] = {"job_id": job.id, "metrics": result.metrics, "items": result.item_metrics}
+            if args.out:
+                document.update(files=save_inversion(result, job.targets(), args.out))
+            _emit(args, document, lambda: json.dumps(_plain(document), indent=2))
+            return EXIT_OK
+        return _wait_and_save(args, job, None)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from gansteer.up import run_up
+
+    return run_up(redis_url=args.redis_url, transport=args.transport, any_port=args.any_port, json_output=args.json)
+
+
+# --- parser -------------------------------------------------------------------------------------------------------
+
+
+def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """Options accepted before or after the command; on subcommands they default to SUPPRESS so a value given
+    before the command is not reset by the subparser."""
+    default: Callable[[Any], Any] = (lambda value: value) if top else (lambda _value: argparse.SUPPRESS)
+    env = os.environ.get
+    group = parser.add_argument_group("connection and output")
+    group.add_argument(
+        "--target",
+        default=default(env("GANSTEER_TARGET", DEFAULT_TARGET)),
+        help="optimization service host:port (or a gateway serving all three) [GANSTEER_TARGET]",
+    )
+    group.add_argument(
+        "--generation-target",
+        default=default(env("GANSTEER_GENERATION_TARGET", "")),
+        help="generation service host:port [GANSTEER_GENERATION_TARGET]",
+    )
+    group.add_argument(
+        "--scoring-target",
+        default=default(env("GANSTEER_SCORING_TARGET", "")),
+        help="scoring service host:port [GANSTEER_SCORING_TARGET]",
+    )
+    group.add_argument("--api-key", default=default(env("GANSTEER_API_KEY", "")), help="API key [GANSTEER_API_KEY]")
+    group.add_argument("--timeout", type=float, default=default(60.0), help="deadline of each call in seconds")
+    group.add_argument("--json", action="store_true", default=default(False), help="machine-readable output")
+    group.add_argument("-q", "--quiet", action="store_true", default=default(False), help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gansteer",
+        description="Steer pretrained image generators: run a local stack, generate, invert images, manage jobs.",
+        epilog="exit codes: 0 ok, 1 other error, 2 usage, 3 invalid argument, 4 not found, 5 unavailable, "
+        "6 job failed or cancelled, 130 interrupted",
+    )
+    _common(parser, top=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str, run: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        _common(sub, top=False)
+        sub.set_defaults(run=run)
+        return sub
+
+    up = command("up", "start the local stack (three services and a worker) until Ctrl-C", cmd_up)
+    up.add_argument(
+        "--redis-url",
+        default=os.environ.get("GANSTEER_REDIS_URL", ""),
+        help="use this Redis [GANSTEER_REDIS_URL]; unset: start redis-server from PATH, else in-memory",
+    )
+    up.add_argument(
+        "--transport",
+        choices=["auto", "redis-server", "memory"],
+        default="auto",
+        help="force starting redis-server or the in-memory transport (default: auto)",
+    )
+    up.add_argument("--any-port", action="store_true", help="bind free ports instead of 50051-50053")
+
+    models = command("models", "list the registered models", cmd_models)
+    models.add_argument(
+        "--kind", choices=["generator", "discriminator", "classifier", "pir_estimator", "feature_extractor"]
+    )
+    models.add_argument("--name", default="", help="only names containing this text")
+    models.add_argument("--all-versions", action="store_true")
+
+    generate = command("generate", "sample images from a generator into a folder", cmd_generate)
+    generate.add_argument("model", help="generator, name or name@version")
+    generate.add_argument("-n", type=int, default=8, help="number of images (default 8)")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument(
+        "--class", dest="classes", action="append", metavar="CLASS", help="class id or name (repeat for one per image)"
+    )
+    generate.add_argument("--truncation", type=float)
+    generate.add_argument("--out", default="out/generated", help="folder for the images (default out/generated)")
+
+    invert = command("invert", "find latents whose images resemble the target images", cmd_invert)
+    invert.add_argument("targets", nargs="+", metavar="TARGET", help="image files")
+    invert.add_argument("--model", default="scenes-gen", help="generator (default scenes-gen)")
+    invert.add_argument("--criterion", help="l2, l2+features (server default) or features")
+    invert.add_argument("--optimizer", help="adam (server default), lbfgs, nesterov, random_search, CMA, ...")
+    invert.add_argument("--budget", type=int, help="iterations (or generator calls with --budget-unit)")
+    invert.add_argument("--budget-unit", choices=["iterations", "generator_calls"], default="iterations")
+    invert.add_argument("--class", dest="conditioned_class", metavar="CLASS", help="hold this class fixed")
+    invert.add_argument("--restarts", type=int)
+    invert.add_argument("--seed", type=int, default=0)
+    invert.add_argument("--learning-rate", type=float)
+    invert.add_argument("--backend", choices=["local", "remote"])
+    invert.add_argument("--out", help="write targets, results, grid.png, latents.npy, metrics.json here")
+    invert.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+
+    jobs = command("jobs", "list, watch, cancel jobs and fetch their results", lambda _args: EXIT_USAGE)
+    job_commands = jobs.add_subparsers(dest="jobs_command", required=True, metavar="JOBS_COMMAND")
+
+    def job_command(name: str, help_text: str, run: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        sub = job_commands.add_parser(name, help=help_text, description=help_text)
+        _common(sub, top=False)
+        sub.set_defaults(run=run)
+        if name != "list":
+            sub.add_argument("job_id")
+        return sub
+
+    listing = job_command("list", "the caller's jobs, newest first", cmd_jobs_list)
+    listing.add_argument("--state", dest="states", action="append", choices=[s.value for s in JobState][1:])
+    listing.add_argument("--kind", default="")
+    listing.add_argument("--limit", type=int, default=20)
+    job_command("status", "one job's record", cmd_jobs_status)
+    job_command("watch", "follow a job until it ends (progress bar, or JSON lines with --json)", cmd_jobs_watch)
+    cancel = job_command("cancel", "ask a job to stop", cmd_jobs_cancel)
+    cancel.add_argument("--reason", default="cancelled from the command line")
+    result = job_command("result", "wait for a job and save its result", cmd_jobs_result)
+    result.add_argument("--out", help="write targets, results, grid.png, latents.npy, metrics.json here")
+    result.add_argument("--no-wait", action="store_true", help="fail unless the job has already succeeded")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `gansteer` console script; returns the exit code (see the module docstring)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (errors.GansteerError, FileNotFoundError) as error:
+        code = exit_code(error)
+        if args.json:
+            print(json.dumps({"error": _error_document(error), "exit_code": code}))
+        else:
+            print(f"gansteer: {error}", file=sys.stderr)
+        return code
+
+
+def _error_document(error: BaseException) -> dict[str, Any]:
+    document: dict[str, Any] = {"type": type(error).__name__, "message": str(error)}
+    if isinstance(error, errors.GansteerError):
+        document["code"] = error.code.name if error.code is not None else None
+        document["details"] = [asdict(d) for d in error.details]
+    if isinstance(error, errors.JobFailed):
+        document["job_id"] = error.status.id
+        document["state"] = error.status.state.value
+    return document
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The Celery application of the jobs, configured from the settings (one factory for the service and the workers).
+
+- Broker on Redis (or `memory://`: Celery's in-process transport, for the embedded mode); no result backend is
+  needed, since the job store holds every result, so tasks ignore results.
+- Late acknowledgement, re-queue when a worker process is lost, prefetch of one: a task is taken off the queue only
+  when it has finished, and a worker holds at most one task it is not running.
+- One queue per resource (`gpu` for model work, `cpu` for light work); each job kind has its own task
+  (`gansteer.job.<kind>`), routed to its kind's queue.
+- JSON only: a task message is `[job_id, segment]`; pickle is never accepted.
+- Every key Celery writes starts with `<key_prefix>celery:`, so deployments (and tests) sharing a Redis stay apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import redis
+from celery import Celery, Task
+from kombu import Queue
+from kombu.exceptions import OperationalError
+
+from gansteer_server.jobs.backends import Backends
+from gansteer_server.jobs.kinds import QUEUES, JobKind, encode_spec, get_kind, kind_names
+from gansteer_server.jobs.runner import WorkerContext, run_segment
+from gansteer_server.jobs.settings import JobSettings
+from gansteer_server.jobs.store import JobRecord, JobStore
+
+logger = logging.getLogger(__name__)
+
+TASK_PREFIX = "gansteer.job."
+
+
+def task_name(kind: str) -> str:
+    return TASK_PREFIX + kind
+
+
+def open_redis(url: str) -> redis.Redis:
+    """A client for the job store. `memory://` (the embedded mode) needs the `fakeredis` package, an in-process
+    Redis; everything else is a real Redis URL."""
+    if url.startswith("memory://"):
+        try:
+            import fakeredis
+        except ImportError as error:
+            raise RuntimeError(
+                "GANSTEER_REDIS_URL=memory:// keeps the job store in this process and needs the `fakeredis` package "
+                "(pip install fakeredis), or point GANSTEER_REDIS_URL at a Redis server"
+            ) from error
+        return fakeredis.FakeRedis(server=_memory_server())
+    return redis.Redis.from_url(url, health_check_interval=30, socket_keepalive=True)
+
+
+_MEMORY_SERVER: Any = None
+
+
+def _memory_server() -> Any:
+    """One in-process Redis shared by every client of this process (the service's and the worker thread's)."""
+    global _MEMORY_SERVER
+    if _MEMORY_SERVER is None:
+        import fakeredis
+
+        _MEMORY_SERVER = fakeredis.FakeServer()
+    return _MEMORY_SERVER
+
+
+def create_store(settings: JobSettings) -> JobStore:
+    return JobStore(
+        open_redis(settings.settings.redis_url),
+        settings.key_prefix,
+        settings.result_ttl_s,
+        settings.events_maxlen,
+    )
+
+
+class Jobs:
+    """The Celery app plus what sends job tasks: the optimization service's and the workers' handle on the queue."""
+
+    def __init__(self, settings: JobSettings) -> None:
+        self.settings = settings
+        self.celery = create_celery(settings, self)
+        self._store: JobStore | None = None
+        self._context: WorkerContext | None = None
+        self._context_pid = 0
+        self._lock = threading.Lock()
+
+    @property
+    def store(self) -> JobStore:
+        """The job store of the submitting side (the service); workers use their context's."""
+        with self._lock:
+            if self._store is None:
+                self._store = create_store(self.settings)
+            return self._store
+
+    def submit(
+        self,
+        kind: JobKind,
+        spec: Any,
+        *,
+        owner: str,
+        spec_proto: bytes = b"",
+        priority: int = 0,
+        time_limit_s: float = 0.0,
+        preview_every: int = 0,
+        labels: Mapping[str, str] | None = None,
+        idempotency_key: str = "",
+    ) -> tuple[JobRecord, bool]:
+        """Record a validated spec as a queued job and send its first task; returns (record, existing), existing
+        being True when the owner's idempotency key named an earlier job (then nothing is sent)."""
+        record, existing = self.store.create(
+            kind=kind.name,
+            owner=owner,
+            queue=kind.queue,
+            spec_proto=spec_proto,
+            spec_state=encode_spec(spec),
+            total_steps=kind.total_steps(spec),
+            priority=priority,
+            time_limit_s=time_limit_s,
+            preview_every=preview_every,
+            labels=labels,
+            idempotency_key=idempotency_key,
+        )
+        if not existing:
+            try:
+                self.enqueue(record, 0)
+            except (OperationalError, OSError, redis.RedisError) as error:
+                self.store.abort(record.id, f"the job could not be queued: {error}", "QUEUE_UNAVAILABLE")
+                raise
+        return record, existing
+
+    def enqueue(self, record: JobRecord, segment: int, countdown: float = 0.0) -> None:
+        """Send the task that runs `segment` of the job, to its kind's queue, with the job's priority."""
+        self.celery.send_task(
+            task_name(record.kind),
+            args=[record.id, segment],
+            queue=record.queue,
+            # The Redis transport serves lower numbers first; JobSpec.priority is "higher runs first", 0 to 9.
+            priority=9 - record.priority,
+            countdown=countdown or None,
+        )
+
+    def worker_context(self) -> WorkerContext:
+        """This process's context, built on first use, so a prefork child builds its own after the fork."""
+        with self._lock:
+            if self._context is None or self._context_pid != os.getpid():
+                self._context = WorkerContext(
+                    settings=self.settings,
+                    store=create_store(self.settings),
+                    backends=Backends(self.settings.settings),
+                    enqueue=self.enqueue,
+                )
+                self._context_pid = os.getpid()
+            return self._context
+
+
+def create_celery(settings: JobSettings, jobs: Jobs) -> Celery:
+    app = Celery("gansteer", set_as_current=False)
+    broker = settings.broker
+    transport_options: dict[str, Any] = {}
+    if not broker.startswith("memory://"):
+        transport_options = {
+            "global_keyprefix": settings.celery_key_prefix,
+            "visibility_timeout": settings.visibility_timeout_s,
+            "unacked_restore_interval": settings.restore_interval_s,
+            "unacked_restore_throttle": 1,
+            "queue_order_strategy": "priority",
+            "priority_steps": list(range(10)),
+            "sep": ":",
+        }
+    app.conf.update(
+        broker_url=broker,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        result_backend=None,
+        task_ignore_result=True,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_queues=[Queue(name) for name in QUEUES],
+        task_default_queue=QUEUES[-1],
+        task_routes={task_name(name): {"queue": get_kind(name).queue} for name in kind_names()},
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+    )
+    for name in kind_names():
+        _register_task(app, jobs, get_kind(name))
+    return app
+
+
+def _register_task(app: Celery, jobs: Jobs, kind: JobKind) -> None:
+    @app.task(
+        name=task_name(kind.name),
+        bind=True,
+        # Redis unreachable mid-segment: the same segment again later (the lease is this worker's, so it resumes).
+        autoretry_for=(redis.ConnectionError, redis.TimeoutError),
+        retry_backoff=True,
+        retry_backoff_max=60,
+        max_retries=20,
+    )
+    def run(task: Task, job_id: str, segment: int) -> str:
+        outcome = run_segment(jobs.worker_context(), job_id, int(segment))
+        logger.info("job %s segment %d: %s", job_id, segment, outcome)
+        return outcome

@@ -1,0 +1,283 @@
+"""The inversion job (seed 003): `InversionSpec` -> a validated spec -> `algorithms.inversion.InversionRun`.
+
+Targets of another size than the generator's are resized to its resolution (bilinear with antialiasing, as the
+criterion resizes; non-square targets are stretched, as the seed's code does); images above the server's pixel
+limit, empty or undecodable ones, and other channel counts than 1 (grey, repeated) or 3 are refused. Model versions
+are pinned at submission, so a version registered while the job waits does not change what it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from google.protobuf.message import Message
+from torch import Tensor
+
+from gansteer_server.algorithms.inversion import (
+    CRITERION_PRESETS,
+    OPTIMIZERS,
+    CriterionWeights,
+    InversionConfig,
+    InversionModels,
+    InversionRun,
+)
+from gansteer_server.algorithms.inversion.criteria import resize
+from gansteer_server.algorithms.inversion.optimizers import is_gradient_optimizer
+from gansteer_server.jobs.backends import ModelBackend
+from gansteer_server.jobs.kinds import JobKind, JobRun, StepProgress, SubmitContext, register_kind
+from gansteer_server.jobs.settings import JobSettings
+from gansteer_server.proto import optimization_pb2 as opt
+from gansteer_server.servers.convert import float_tensor
+from gansteer_server.servers.errors import invalid_argument
+
+FIELD = "spec.inversion"
+_BACKENDS = {opt.BACKEND_UNSPECIFIED: "", opt.BACKEND_LOCAL: "local", opt.BACKEND_REMOTE: "remote"}
+_BUDGET_UNITS = {
+    opt.BUDGET_UNIT_UNSPECIFIED: "iterations",
+    opt.BUDGET_UNIT_ITERATIONS: "iterations",
+    opt.BUDGET_UNIT_GENERATOR_CALLS: "generator_calls",
+}
+# Free weights of the proto -> the criterion's term names.
+_WEIGHTS = {"lambda_s": "features", "lambda_l": "pixel_l2", "lambda_nu": "latent_norm", "lambda_r": "realism"}
+
+
+@dataclass(frozen=True)
+class InversionJobSpec:
+    """A validated inversion: targets at the generator's resolution, pinned model refs, the algorithm's config."""
+
+    targets: Tensor  # (T, 3, R, R) in [-1, 1]
+    generator: str
+    discriminator: str | None
+    feature_extractor: str | None
+    config: InversionConfig
+    backend: str = ""  # "" = the deployment's default
+
+
+class InversionJob(JobKind):
+    name = "inversion"
+    spec_type = InversionJobSpec
+
+    def parse(self, message: Message, context: SubmitContext) -> InversionJobSpec:
+        assert isinstance(message, opt.InversionSpec)
+        limits = context.settings
+        generator = context.model(message.generator, f"{FIELD}.generator", ("generator",))
+        resolution = generator.resolution or 0
+        targets = self._targets(message, context, resolution, generator.channels)
+        config = self._config(message, context, generator, len(targets))
+        weights = config.criterion_weights
+        discriminator = None
+        if weights.realism > 0:
+            ref = message.discriminator
+            if not ref.name:
+                paired = generator.extra.get("discriminator")
+                if not isinstance(paired, str) or not paired:
+                    raise invalid_argument(
+                        f"{FIELD}.discriminator",
+                        f"the realism term (lambda_r {weights.realism:g}) needs a discriminator and the card of "
+                        f"{generator.ref} names none; give one or set lambda_r to 0",
+                        "MISSING_MODEL",
+                    )
+                ref = type(ref)(name=paired)
+            discriminator = context.model(ref, f"{FIELD}.discriminator", ("discriminator",)).ref
+        feature_extractor = None
+        if weights.features > 0:
+            ref = message.feature_extractor
+            if not ref.name:
+                ref = type(ref)(name=limits.default_feature_extractor)
+            card = context.model(ref, f"{FIELD}.feature_extractor", ("feature_extractor", "classifier"))
+            feature_extractor = card.ref
+            if card.resolution:
+                config = dataclasses.replace(config, feature_size=card.resolution)
+        return InversionJobSpec(
+            targets=targets,
+            generator=generator.ref,
+            discriminator=discriminator,
+            feature_extractor=feature_extractor,
+            config=config,
+            backend=_BACKENDS.get(message.backend, ""),
+        )
+
+    def _targets(self, message: opt.InversionSpec, context: SubmitContext, resolution: int, channels: int) -> Tensor:
+        limit = context.settings.settings.max_images_per_request
+        if not message.targets:
+            raise invalid_argument(f"{FIELD}.targets", "at least one target image is required", "EMPTY")
+        if len(message.targets) > limit:
+            raise invalid_argument(
+                f"{FIELD}.targets", f"{len(message.targets)} targets exceed this server's limit of {limit}", "TOO_MANY"
+            )
+        images = [
+            resize(context.image(image, f"{FIELD}.targets[{i}]", channels)[None], resolution)[0]
+            for i, image in enumerate(message.targets)
+        ]
+        return torch.stack(images).clamp(-1, 1)
+
+    def _config(self, message: opt.InversionSpec, context: SubmitContext, generator: Any, num_targets: int) -> InversionConfig:
+        limits = context.settings
+        criterion = message.criterion or "l2+features"
+        if criterion not in CRITERION_PRESETS:
+            raise invalid_argument(
+                f"{FIELD}.criterion", f"unknown preset {criterion!r}; expected one of {sorted(CRITERION_PRESETS)}"
+            )
+        weights = None
+        given = {name: getattr(message, name) for name in _WEIGHTS if message.HasField(name)}
+        for name, value in given.items():
+            if not math.isfinite(value) or value < 0:
+                raise invalid_argument(f"{FIELD}.{name}", f"must be a finite number >= 0, got {value}", "BAD_WEIGHT")
+        if given:
+            preset = CRITERION_PRESETS[criterion]
+            weights = CriterionWeights(**{_WEIGHTS[name]: value for name, value in given.items()} | {
+                term: getattr(preset, term) for name, term in _WEIGHTS.items() if name not in given
+            })
+        optimizer = message.optimizer.name or "adam"
+        if optimizer not in OPTIMIZERS:
+            raise invalid_argument(
+                f"{FIELD}.optimizer.name", f"unknown optimizer {optimizer!r}; expected one of {sorted(OPTIMIZERS)}"
+            )
+        if message.optimizer.options.fields:
+            raise invalid_argument(
+                f"{FIELD}.optimizer.options",
+                f"inversion takes no optimizer options yet (got {sorted(message.optimizer.options.fields)})",
+            )
+        learning_rate = message.optimizer.learning_rate
+        if not math.isfinite(learning_rate) or learning_rate < 0:
+            raise invalid_argument(f"{FIELD}.optimizer.learning_rate", f"must be finite and >= 0, got {learning_rate}")
+        population = message.optimizer.population_size
+        if not 0 <= population <= limits.max_population:
+            raise invalid_argument(
+                f"{FIELD}.optimizer.population_size", f"must be 0 (default) to {limits.max_population}, got {population}"
+            )
+        budget = message.budget.amount
+        if not 0 < budget <= limits.max_budget:
+            raise invalid_argument(
+                f"{FIELD}.budget.amount", f"must be from 1 to {limits.max_budget} (this server's limit), got {budget}"
+            )
+        if message.budget.unit not in _BUDGET_UNITS:
+            raise invalid_argument(f"{FIELD}.budget.unit", f"unknown unit {message.budget.unit}")
+        restarts = message.restarts or 1
+        if not 0 < restarts <= limits.max_restarts:
+            raise invalid_argument(f"{FIELD}.restarts", f"must be 0 (one) to {limits.max_restarts}, got {restarts}")
+        if message.HasField("initial_latents"):
+            raise invalid_argument(f"{FIELD}.initial_latents", "starting latents are not supported yet", "UNSUPPORTED")
+        class_mode, class_ids = "none", None
+        if generator.num_classes:
+            class_mode = "search"
+            if message.HasField("conditioned_class"):
+                if not 0 <= message.conditioned_class < generator.num_classes:
+                    raise invalid_argument(
+                        f"{FIELD}.conditioned_class",
+                        f"class {message.conditioned_class} is out of range [0, {generator.num_classes})",
+                        "CLASS_OUT_OF_RANGE",
+                    )
+                class_mode, class_ids = "conditioned", (int(message.conditioned_class),)
+        elif message.HasField("conditioned_class"):
+            raise invalid_argument(f"{FIELD}.conditioned_class", f"{generator.ref} is not class-conditional")
+        values: dict[str, Any] = {
+            "optimizer": optimizer,
+            "criterion": criterion,
+            "weights": weights,
+            "budget": budget,
+            "budget_unit": _BUDGET_UNITS[message.budget.unit],
+            "restarts": restarts,
+            "class_mode": class_mode,
+            "class_ids": class_ids,
+            "seed": message.seed,
+        }
+        if learning_rate:
+            values["learning_rate"] = learning_rate
+        if population:
+            values["population"] = population
+        try:
+            config = InversionConfig(**values)
+        except ValueError as error:
+            raise invalid_argument(FIELD, str(error)) from None
+        per_step = num_targets * restarts * (1 if is_gradient_optimizer(optimizer) else config.population)
+        if per_step > limits.max_step_batch:
+            raise invalid_argument(
+                FIELD,
+                f"targets x restarts x population = {per_step} images per step exceeds this server's limit of "
+                f"{limits.max_step_batch}",
+                "BATCH_TOO_LARGE",
+            )
+        if config.budget_unit == "generator_calls" and budget < restarts * (1 if config.gradient else config.population):
+            raise invalid_argument(f"{FIELD}.budget.amount", f"{budget} generator calls is less than one step costs")
+        return config
+
+    def total_steps(self, spec: InversionJobSpec) -> int:
+        config = spec.config
+        if config.budget_unit == "iterations":
+            return config.budget
+        return config.budget // (config.restarts * (1 if config.gradient else config.population))
+
+    def start(self, spec: InversionJobSpec, backend: ModelBackend, settings: JobSettings) -> JobRun:
+        generator = backend.generator(spec.generator)
+        models = InversionModels(
+            generator=generator,
+            z_size=generator.card.latent_size or 0,
+            class_embeddings=generator.class_embeddings() if spec.config.class_mode == "search" else None,
+            feature_extractor=backend.feature_extractor(spec.feature_extractor) if spec.feature_extractor else None,
+            discriminator=backend.discriminator(spec.discriminator) if spec.discriminator else None,
+        )
+        return InversionJobRun(InversionRun(spec.config, models, spec.targets))
+
+
+class InversionJobRun:
+    """The runner's view of an InversionRun: criterion values as means over the targets, results as a JobResult."""
+
+    def __init__(self, run: InversionRun) -> None:
+        self.run = run
+
+    @property
+    def done(self) -> bool:
+        return self.run.done
+
+    @property
+    def steps(self) -> int:
+        return self.run.steps
+
+    def step(self) -> StepProgress:
+        report = self.run.step()
+        criterion = {"total": float(report.best_criterion.mean())}
+        criterion |= {name: float(term.mean()) for name, term in report.terms.items()}
+        return StepProgress(step=report.step, generator_calls=report.generator_calls, criterion=criterion)
+
+    def preview(self) -> Tensor:
+        return torch.stack([item.image for item in self.run.result()])
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.run.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.run.load_state_dict(state)
+
+    def result(self) -> opt.JobResult:
+        items = self.run.result()
+        result = opt.JobResult()
+        result.images.tensor.CopyFrom(float_tensor(torch.stack([item.image for item in items])))
+        result.latents.CopyFrom(float_tensor(torch.stack([item.z for item in items])))
+        if all(item.class_vector is not None for item in items):
+            result.class_embeddings.CopyFrom(float_tensor(torch.stack([item.class_vector for item in items])))  # type: ignore[misc]
+        for item in items:
+            values = {"criterion": item.criterion, "psnr": item.psnr, "ssim": item.ssim, **item.terms}
+            if item.feature_distance is not None:
+                values["feature_distance"] = item.feature_distance
+            if item.class_id is not None:
+                values["class_id"] = float(item.class_id)
+            result.item_metrics.add(values=values)
+        for name in ("criterion", "psnr", "ssim", "feature_distance"):
+            present = [m.values[name] for m in result.item_metrics if name in m.values]
+            if present:
+                result.metrics[name] = sum(present) / len(present)
+        result.metrics["steps"] = float(self.run.steps)
+        result.metrics["generator_calls"] = float(self.run.generator_calls)
+        curve = torch.stack([item.curve for item in items])  # (T, steps): best-so-far criterion after each step
+        result.curve.steps.extend(range(1, curve.shape[1] + 1))
+        result.curve.values["total"].CopyFrom(float_tensor(curve))
+        result.tensors["restart_criteria"].CopyFrom(float_tensor(torch.stack([item.restart_criteria for item in items])))
+        return result
+
+
+register_kind(InversionJob())

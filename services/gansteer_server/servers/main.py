@@ -1,0 +1,90 @@
+"""Console entry points `gansteer-generation` and `gansteer-scoring`: one service per process, configured by the
+`GANSTEER_*` environment (see `gansteer_server.config`), JSON logs on stderr, graceful stop on SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import torch
+
+from gansteer_server.config import ConfigError, Settings, settings_table
+from gansteer_server.servers.app import DEFAULT_GRACE_S, RunningService, start_generation_server, start_scoring_server
+
+# Attributes every LogRecord has; anything else was passed with `extra=` and goes into the JSON object.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, the `extra` fields and any traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")})
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def generation() -> None:
+    """`gansteer-generation`: the generation service."""
+    sys.exit(_serve("generation", sys.argv[1:]))
+
+
+def scoring() -> None:
+    """`gansteer-scoring`: the scoring service."""
+    sys.exit(_serve("scoring", sys.argv[1:]))
+
+
+def _serve(service: str, argv: list[str]) -> int:
+    settings_help = "\n".join(f"  {row.variable} (default {row.default or 'empty'})" for row in settings_table())
+    parser = argparse.ArgumentParser(
+        prog=f"gansteer-{service}",
+        description=f"Run gansteer's {service} service. Configured by environment variables:\n{settings_help}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--grace", type=float, default=DEFAULT_GRACE_S, help="seconds to finish in-flight calls")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as error:
+        print(f"gansteer-{service}: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    start = start_generation_server if service == "generation" else start_scoring_server
+    running: RunningService = start(settings)
+    logging.getLogger(__name__).info(
+        "serving %s on %s (torch threads %d)",
+        service,
+        running.address,
+        torch.get_num_threads(),
+        extra={"torch_threads": torch.get_num_threads()},
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.wait(3600):
+        pass
+    running.stop(args.grace)
+    return 0
