@@ -1,7 +1,8 @@
 """Fixtures for the service tests: a registry of tiny random-weight models of the built-in architectures (with ONNX
 exports), settings that point at it, and real servers on free loopback ports.
 
-Test modules load this with `pytest_plugins = ["service_fixtures"]`, so the registry is built once per session.
+Each test module declares `tiny_registry` as a session fixture calling `shared_tiny_registry`, which builds the
+registry once per session however many modules use it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from gansteer_server.servers.app import RunningService, start_generation_server,
 from safetensors.torch import save_file
 from torch import nn
 
-GEN, DISC, CLF, UNCOND = "tiny-gen", "tiny-disc", "tiny-clf", "tiny-uncond"
+GEN, DISC, CLF, CLF_B, UNCOND = "tiny-gen", "tiny-disc", "tiny-clf", "tiny-clf-b", "tiny-uncond"
 LATENT, EMBEDDING, CLASSES, RESOLUTION = 16, 8, 10, 32
 GEN_KWARGS = {
     "z_size": LATENT,
@@ -81,7 +82,8 @@ def _export_onnx(module: nn.Module, inputs: tuple[torch.Tensor, ...], names: lis
 
 
 def build_tiny_registry(root: Path) -> ModelRegistry:
-    """Register tiny-gen (with ONNX), tiny-disc, tiny-clf (with ONNX) and tiny-uncond (TorchScript) under root."""
+    """Register tiny-gen (with ONNX), tiny-disc, tiny-clf and tiny-clf-b (the same classifier under a second
+    name; with ONNX) and tiny-uncond (TorchScript) under root."""
     torch.manual_seed(0)
     seed = torch.Generator().manual_seed(0)
     registry = ModelRegistry([root / "registry"])
@@ -135,21 +137,8 @@ def build_tiny_registry(root: Path) -> ModelRegistry:
         },
         {"weights.safetensors": work / "disc.safetensors"},
     )
-    registry.register(
-        CLF,
-        {
-            "kind": "classifier",
-            "format": "safetensors",
-            "weights": "weights.safetensors",
-            "onnx": "model.onnx",
-            "architecture": "scenes_classifier",
-            "architecture_kwargs": CLF_KWARGS,
-            "num_classes": CLASSES,
-            "class_names": CLASS_NAMES,
-            **IMAGES,
-        },
-        {"weights.safetensors": work / "clf.safetensors", "model.onnx": work / "clf.onnx"},
-    )
+    for name in (CLF, CLF_B):
+        _register_classifier(registry, name, work)
     traced = torch.jit.trace(_Unconditional().eval(), torch.randn(2, LATENT))
     traced.save(str(work / "uncond.pt"))
     registry.register(
@@ -168,9 +157,32 @@ def build_tiny_registry(root: Path) -> ModelRegistry:
     return registry
 
 
-@pytest.fixture(scope="session")
-def tiny_registry(tmp_path_factory: pytest.TempPathFactory) -> ModelRegistry:
-    return build_tiny_registry(tmp_path_factory.mktemp("tiny-zoo"))
+def _register_classifier(registry: ModelRegistry, name: str, work: Path) -> None:
+    registry.register(
+        name,
+        {
+            "kind": "classifier",
+            "format": "safetensors",
+            "weights": "weights.safetensors",
+            "onnx": "model.onnx",
+            "architecture": "scenes_classifier",
+            "architecture_kwargs": CLF_KWARGS,
+            "num_classes": CLASSES,
+            "class_names": CLASS_NAMES,
+            **IMAGES,
+        },
+        {"weights.safetensors": work / "clf.safetensors", "model.onnx": work / "clf.onnx"},
+    )
+
+
+_SHARED: dict[str, ModelRegistry] = {}
+
+
+def shared_tiny_registry(tmp_path_factory: pytest.TempPathFactory) -> ModelRegistry:
+    """The session's tiny registry, built on first use."""
+    if "registry" not in _SHARED:
+        _SHARED["registry"] = build_tiny_registry(tmp_path_factory.mktemp("tiny-zoo"))
+    return _SHARED["registry"]
 
 
 def make_settings(registry: ModelRegistry, **overrides: Any) -> Settings:

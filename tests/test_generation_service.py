@@ -32,11 +32,16 @@ from service_fixtures import (
     float_tensor,
     make_settings,
     running,
+    shared_tiny_registry,
     status_of,
 )
 
-pytest_plugins = ["service_fixtures"]
 pytestmark = pytest.mark.service
+
+
+@pytest.fixture(scope="session")
+def tiny_registry(tmp_path_factory: pytest.TempPathFactory) -> ModelRegistry:
+    return shared_tiny_registry(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +74,7 @@ def test_list_models_shows_every_kind_and_filters(stub: generation_pb2_grpc.Gene
     generators = stub.ListModels(generation_pb2.ListModelsRequest(kind=common_pb2.MODEL_KIND_GENERATOR)).models
     assert all(m.kind == common_pb2.MODEL_KIND_GENERATOR for m in generators)
     tiny = stub.ListModels(generation_pb2.ListModelsRequest(name_contains="tiny-", all_versions=True)).models
-    assert sorted(m.name for m in tiny) == ["tiny-clf", "tiny-disc", "tiny-gen", "tiny-uncond"]
+    assert sorted(m.name for m in tiny) == ["tiny-clf", "tiny-clf-b", "tiny-disc", "tiny-gen", "tiny-uncond"]
 
 
 def test_get_model_gives_the_card(stub: generation_pb2_grpc.GenerationServiceStub) -> None:
@@ -201,7 +206,9 @@ def test_backward_of_an_unconditional_generator_uses_the_wire_range(
     z = torch.randn(2, LATENT)
     grad_images = torch.randn(2, 3, 8, 8)
     response = stub.Backward(
-        generation_pb2.BackwardRequest(model=ref(UNCOND), latents=float_tensor(z), grad_images=float_tensor(grad_images))
+        generation_pb2.BackwardRequest(
+            model=ref(UNCOND), latents=float_tensor(z), grad_images=float_tensor(grad_images)
+        )
     )
     leaf = z.clone().requires_grad_(True)
     (dz,) = torch.autograd.grad(tiny_registry.load(UNCOND)(leaf) * 2 - 1, leaf, grad_outputs=grad_images)

@@ -51,6 +51,8 @@ from gansteer.types import (
     ResultEvent,
     ScoreOutput,
     ScoreResult,
+    ScorerInfo,
+    ScorerParam,
     StateChanged,
 )
 
@@ -87,6 +89,8 @@ __all__ = [
     "ResultEvent",
     "ScoreOutput",
     "ScoreResult",
+    "ScorerInfo",
+    "ScorerParam",
     "StateChanged",
     "Unauthenticated",
     "Unavailable",

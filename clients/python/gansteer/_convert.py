@@ -37,6 +37,8 @@ from gansteer.types import (
     ResultEvent,
     ScoreOutput,
     ScoreResult,
+    ScorerInfo,
+    ScorerParam,
     StateChanged,
 )
 from gansteer.v1 import common_pb2, optimization_pb2, scoring_pb2
@@ -197,6 +199,18 @@ def model_info(card: common_pb2.ModelCard) -> ModelInfo:
         format=card.format,
         created=card.created,
         card=json.loads(card.card_json) if card.card_json else {},
+    )
+
+
+def scorer_info(scorer: scoring_pb2.Scorer) -> ScorerInfo:
+    return ScorerInfo(
+        name=scorer.name,
+        description=scorer.description,
+        model_kind=_KINDS.get(scorer.model_kind, ""),
+        models=tuple(scorer.models),
+        params=tuple(ScorerParam(p.name, p.type, p.default_json, p.description) for p in scorer.params),
+        differentiable=scorer.differentiable,
+        per_image=scorer.per_image,
     )
 
 

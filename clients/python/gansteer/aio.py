@@ -29,7 +29,7 @@ from gansteer import _convert, _specs
 from gansteer._convert import ImageInput
 from gansteer._progress import ProgressBar
 from gansteer._specs import ClassSpec, Outputs
-from gansteer.client import DEFAULT_TARGET, MAX_MESSAGE_BYTES, backoff_delay, resolve_targets
+from gansteer.client import DEFAULT_BUDGET, DEFAULT_TARGET, MAX_MESSAGE_BYTES, backoff_delay, resolve_targets
 from gansteer.errors import DeadlineExceeded, JobCancelled, JobFailed, from_rpc_error
 from gansteer.types import (
     GenerationResult,
@@ -40,6 +40,7 @@ from gansteer.types import (
     ModelInfo,
     ProgressEvent,
     ScoreResult,
+    ScorerInfo,
     StateChanged,
 )
 from gansteer.v1 import (
@@ -47,6 +48,7 @@ from gansteer.v1 import (
     generation_pb2_grpc,
     optimization_pb2,
     optimization_pb2_grpc,
+    scoring_pb2,
     scoring_pb2_grpc,
 )
 
@@ -74,9 +76,11 @@ class AsyncClient:
         )
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._generation = generation_pb2_grpc.GenerationServiceStub(self._channel(self.generation_target, credentials))
-        self._scoring = scoring_pb2_grpc.ScoringServiceStub(self._channel(self.scoring_target, credentials))
-        self._optimization = optimization_pb2_grpc.OptimizationServiceStub(self._channel(self.target, credentials))
+        generation_channel = self._channel(self.generation_target, credentials)
+        self._generation = generation_pb2_grpc.GenerationServiceStub(generation_channel)  # type: ignore[no-untyped-call]
+        self._scoring = scoring_pb2_grpc.ScoringServiceStub(self._channel(self.scoring_target, credentials))  # type: ignore[no-untyped-call]
+        optimization_channel = self._channel(self.target, credentials)
+        self._optimization = optimization_pb2_grpc.OptimizationServiceStub(optimization_channel)  # type: ignore[no-untyped-call]
         self._cards: dict[str, ModelInfo] = {}
 
     def _channel(self, target: str, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
@@ -174,6 +178,11 @@ class AsyncClient:
             model=_convert.ref_text(response.model),
         )
 
+    async def scorers(self, model_kind: str | None = None) -> list[ScorerInfo]:
+        request = scoring_pb2.ListScorersRequest(model_kind=_convert.KIND_PROTOS[model_kind] if model_kind else None)
+        response = await self._call(self._scoring.ListScorers, request, target=self.scoring_target)
+        return [_convert.scorer_info(scorer) for scorer in response.scorers]
+
     async def score(
         self,
         images: ImageInput | Sequence[ImageInput],
@@ -193,6 +202,7 @@ class AsyncClient:
 
     async def invert(self, target: ImageInput | Sequence[ImageInput], *, model: str, **options: Any) -> AsyncJob:
         """Submits an inversion job; the keyword arguments are those of `Client.invert`."""
+        options.setdefault("budget", DEFAULT_BUDGET)
         conditioned = options.get("conditioned_class")
         card = await self.model(model) if isinstance(conditioned, str) else None
         return await self.submit(_specs.inversion_spec(target, model=model, card=card, **options))
@@ -317,7 +327,7 @@ class AsyncJob:
         with ProgressBar(f"{self.kind or 'job'} {self.id[:12]}", enabled=progress) as bar:
             async for event in self._client.watch_job(self.id, previews=False, kind=self.kind, deadline=deadline):
                 if isinstance(event, ProgressEvent):
-                    bar.update(event.step, event.total_steps, event.criterion)
+                    bar.update(event.step, event.total_steps, event.criterion, event.elapsed_s)
                 elif isinstance(event, StateChanged) and event.state.terminal:
                     break
         status = await self.status()

@@ -16,8 +16,8 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, is_dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, fields, is_dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from gansteer import errors
-from gansteer.client import DEFAULT_TARGET, Client
+from gansteer.client import DEFAULT_BUDGET, DEFAULT_TARGET, Client
 from gansteer.images import image_grid, save_inversion
 from gansteer.job import Job
 from gansteer.types import JobEvent, JobState, ProgressEvent, StateChanged
@@ -58,7 +58,7 @@ def exit_code(error: BaseException) -> int:
 def _plain(value: Any) -> Any:
     """A JSON-ready copy of SDK values (dataclasses, enums, datetimes, arrays, paths); images are left out."""
     if is_dataclass(value) and not isinstance(value, type):
-        return {k: _plain(v) for k, v in asdict(value).items() if k not in ("images", "card")}
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value) if f.name not in ("images", "card")}
     if isinstance(value, JobState):
         return value.value
     if isinstance(value, datetime):
@@ -67,7 +67,7 @@ def _plain(value: Any) -> Any:
         return value.tolist()
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
@@ -187,6 +187,7 @@ def cmd_invert(args: argparse.Namespace) -> int:
             seed=args.seed,
             learning_rate=args.learning_rate,
             backend=args.backend,
+            discriminator=args.discriminator,
         )
         if args.no_wait:
             _emit(args, {"job_id": job.id, "state": "queued"}, lambda: job.id)
@@ -353,8 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     invert.add_argument("targets", nargs="+", metavar="TARGET", help="image files")
     invert.add_argument("--model", default="scenes-gen", help="generator (default scenes-gen)")
     invert.add_argument("--criterion", help="l2, l2+features (server default) or features")
+    invert.add_argument("--discriminator", help="discriminator of the realism term (default: the card's pair)")
     invert.add_argument("--optimizer", help="adam (server default), lbfgs, nesterov, random_search, CMA, ...")
-    invert.add_argument("--budget", type=int, help="iterations (or generator calls with --budget-unit)")
+    invert.add_argument(
+        "--budget", type=int, default=DEFAULT_BUDGET, help="iterations, or generator calls with --budget-unit (300)"
+    )
     invert.add_argument("--budget-unit", choices=["iterations", "generator_calls"], default="iterations")
     invert.add_argument("--class", dest="conditioned_class", metavar="CLASS", help="hold this class fixed")
     invert.add_argument("--restarts", type=int)

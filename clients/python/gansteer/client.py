@@ -31,6 +31,7 @@ from gansteer.types import (
     JobStatus,
     ModelInfo,
     ScoreResult,
+    ScorerInfo,
     StateChanged,
 )
 from gansteer.v1 import (
@@ -38,6 +39,7 @@ from gansteer.v1 import (
     generation_pb2_grpc,
     optimization_pb2,
     optimization_pb2_grpc,
+    scoring_pb2,
     scoring_pb2_grpc,
 )
 
@@ -46,6 +48,8 @@ DEFAULT_TARGET = "localhost:50053"
 DEFAULT_GENERATION_TARGET = "localhost:50051"
 DEFAULT_SCORING_TARGET = "localhost:50052"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# The server requires a budget; this one finishes in seconds on the built-in 32x32 generator on a laptop CPU.
+DEFAULT_BUDGET = 300
 
 R = TypeVar("R")
 
@@ -67,7 +71,7 @@ def resolve_targets(target: str, generation_target: str | None, scoring_target: 
 def backoff_delay(attempt: int, *, initial: float = 0.1, maximum: float = 5.0) -> float:
     """Seconds to wait before retry `attempt` (0-based): doubling from `initial`, capped, with jitter so many
     clients that lost the same server do not come back in step."""
-    return min(maximum, initial * 2**attempt) * random.uniform(0.5, 1.0)
+    return min(maximum, initial * 2.0**attempt) * random.uniform(0.5, 1.0)
 
 
 class Client:
@@ -103,9 +107,11 @@ class Client:
         )
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._channels: dict[str, grpc.Channel] = {}
-        self._generation = generation_pb2_grpc.GenerationServiceStub(self._channel(self.generation_target, credentials))
-        self._scoring = scoring_pb2_grpc.ScoringServiceStub(self._channel(self.scoring_target, credentials))
-        self._optimization = optimization_pb2_grpc.OptimizationServiceStub(self._channel(self.target, credentials))
+        generation_channel = self._channel(self.generation_target, credentials)
+        self._generation = generation_pb2_grpc.GenerationServiceStub(generation_channel)  # type: ignore[no-untyped-call]
+        self._scoring = scoring_pb2_grpc.ScoringServiceStub(self._channel(self.scoring_target, credentials))  # type: ignore[no-untyped-call]
+        optimization_channel = self._channel(self.target, credentials)
+        self._optimization = optimization_pb2_grpc.OptimizationServiceStub(optimization_channel)  # type: ignore[no-untyped-call]
         self._cards: dict[str, ModelInfo] = {}
 
     def _channel(self, target: str, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
@@ -157,7 +163,7 @@ class Client:
             try:
                 return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
             except grpc.RpcError as error:
-                code = error.code()  # type: ignore[attr-defined]
+                code = error.code()
                 if idempotent and code == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
                     time.sleep(backoff_delay(attempt))
                     attempt += 1
@@ -224,6 +230,12 @@ class Client:
             model=_convert.ref_text(response.model),
         )
 
+    def scorers(self, model_kind: str | None = None) -> list[ScorerInfo]:
+        """The outputs `score` can compute (names, parameters, providing models); `model_kind` filters them."""
+        request = scoring_pb2.ListScorersRequest(model_kind=_convert.KIND_PROTOS[model_kind] if model_kind else None)
+        response = self._call(self._scoring.ListScorers, request, target=self.scoring_target)
+        return [_convert.scorer_info(scorer) for scorer in response.scorers]
+
     def score(
         self,
         images: ImageInput | Sequence[ImageInput],
@@ -256,7 +268,7 @@ class Client:
         model: str,
         criterion: str | None = None,
         optimizer: str | None = None,
-        budget: int | None = None,
+        budget: int = DEFAULT_BUDGET,
         budget_unit: BudgetUnit = "iterations",
         conditioned_class: ClassSpec | None = None,
         restarts: int | None = None,
@@ -283,9 +295,10 @@ class Client:
         `target`: one image or a list (PIL images, paths, PNG bytes, numpy arrays); all are optimised as one batch,
         one result each. `criterion`: a preset (`l2`, `l2+features`, `features`) whose weights `lambda_*` override.
         `optimizer`: `adam`, `lbfgs`, `nesterov`, `random_search`, `TwoPointsDE`, `DE`, `DiscreteOnePlusOne`, `CMA`.
-        `budget`: iterations, or generator calls with `budget_unit="generator_calls"`. `conditioned_class`: hold a
-        class (id or name) fixed instead of searching the class vector too. Unset arguments take the server's
-        defaults. Returns at once with the job; the server refuses a bad spec with InvalidArgument or NotFound.
+        `budget`: iterations (default 300), or generator calls with `budget_unit="generator_calls"`.
+        `conditioned_class`: hold a class (id or name) fixed instead of searching the class vector too. Other unset
+        arguments take the server's defaults (the `l2+features` preset, Adam). Returns at once with the job; the
+        server refuses a bad spec with InvalidArgument, or NotFound for an unknown model.
         """
         card = self.model(model) if isinstance(conditioned_class, str) else None
         spec = _specs.inversion_spec(
@@ -380,7 +393,8 @@ class Client:
             optimization_pb2.GetJobRequest(job_id=job_id, view=optimization_pb2.JOB_VIEW_FULL),
             target=self.target,
         )
-        return response.job.spec
+        spec: optimization_pb2.JobSpec = response.job.spec
+        return spec
 
     def cancel_job(self, job_id: str, reason: str = "") -> JobStatus:
         response = self._call(
@@ -430,7 +444,7 @@ class Client:
                     if isinstance(event, StateChanged) and event.state.terminal:
                         return
             except grpc.RpcError as error:
-                code = error.code()  # type: ignore[attr-defined]
+                code = error.code()
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     continue  # the window ended: resume after the last event
                 if code != grpc.StatusCode.UNAVAILABLE or failures >= self.retries:

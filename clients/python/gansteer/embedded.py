@@ -9,6 +9,7 @@ paths are those of a real deployment. The SDK never depends on the server packag
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,12 +31,12 @@ def embedded(*, redis_url: str | None = None, timeout: float = 120.0, **settings
     `timeout` is the client's per-call deadline.
     """
     try:
-        from gansteer_server.embedded import start_stack
+        server = importlib.import_module("gansteer_server.embedded")
     except ImportError as error:
         if error.name is not None and not error.name.startswith("gansteer_server"):
             raise
         raise ImportError(_INSTALL_HINT, name="gansteer_server") from error
-    stack = start_stack(redis_url=redis_url, **settings)
+    stack = server.start_stack(redis_url=redis_url, transport="auto" if redis_url else "memory", **settings)
     try:
         with Client(
             stack.optimization_address,

@@ -14,25 +14,35 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image as PILImage
+from PIL import ImageDraw
 
 from gansteer.types import JobResult
 
 
-def image_grid(rows: Sequence[Sequence[PILImage.Image]], *, cell: int | None = None, pad: int = 4) -> PILImage.Image:
+def image_grid(
+    rows: Sequence[Sequence[PILImage.Image]],
+    *,
+    header: Sequence[str] = (),
+    cell: int | None = None,
+    pad: int = 4,
+) -> PILImage.Image:
     """The images laid out row by row on a white background, each scaled to a `cell`-pixel square (default: the
-    largest image's side, at least 128)."""
+    largest image's side, at least 128), under an optional line of column titles."""
     if not rows or not any(rows):
         raise ValueError("image_grid needs at least one image")
     largest = max(max(im.size) for row in rows for im in row)
     side = cell or max(largest, 128)
     columns = max(len(row) for row in rows)
-    grid = PILImage.new("RGB", (pad + columns * (side + pad), pad + len(rows) * (side + pad)), "white")
+    top = 20 if header else 0
+    grid = PILImage.new("RGB", (pad + columns * (side + pad), top + pad + len(rows) * (side + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, title in enumerate(header):
+        draw.text((pad + c * (side + pad) + side // 2, top // 2 + pad // 2), title, fill="black", anchor="mm")
     for r, row in enumerate(rows):
         for c, image in enumerate(row):
             resample = PILImage.Resampling.NEAREST if max(image.size) < side else PILImage.Resampling.LANCZOS
-            grid.paste(
-                image.convert("RGB").resize((side, side), resample), (pad + c * (side + pad), pad + r * (side + pad))
-            )
+            position = (pad + c * (side + pad), top + pad + r * (side + pad))
+            grid.paste(image.convert("RGB").resize((side, side), resample), position)
     return grid
 
 
@@ -67,7 +77,7 @@ def save_inversion(
             row.insert(0, targets[i].convert("RGB").resize(image.size, PILImage.Resampling.LANCZOS))
         rows.append(row)
     grid_path = out / f"{prefix}grid.png"
-    image_grid(rows).save(grid_path)
+    image_grid(rows, header=("target", "result") if target_paths else ("result",)).save(grid_path)
     latents_path = out / f"{prefix}latents.npy"
     np.save(latents_path, result.latents)
     metrics_path = out / f"{prefix}metrics.json"

@@ -54,7 +54,7 @@ class Job:
             events = self._client.watch_job(self.id, previews=False, kind=self.kind, deadline=deadline)
             for event in events:
                 if isinstance(event, ProgressEvent):
-                    bar.update(event.step, event.total_steps, event.criterion)
+                    bar.update(event.step, event.total_steps, event.criterion, event.elapsed_s)
                 elif isinstance(event, StateChanged) and event.state.terminal:
                     break
         status = self.status()

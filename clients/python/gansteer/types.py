@@ -78,6 +78,29 @@ class GenerationResult:
 
 
 @dataclass(frozen=True)
+class ScorerParam:
+    """One parameter of a scorer output; `default_json` is empty when the parameter is required."""
+
+    name: str
+    type: str
+    default_json: str
+    description: str
+
+
+@dataclass(frozen=True)
+class ScorerInfo:
+    """An output the scoring service computes: its parameters and the models that provide it."""
+
+    name: str
+    description: str
+    model_kind: str
+    models: tuple[str, ...]
+    params: tuple[ScorerParam, ...]
+    differentiable: bool
+    per_image: bool
+
+
+@dataclass(frozen=True)
 class ScoreOutput:
     """One requested output: `values` ([N] or [N, ...] per image), secondary arrays in `extra`."""
 

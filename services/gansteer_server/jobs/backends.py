@@ -290,9 +290,8 @@ class RemoteDiscriminator:
         if class_id is not None:
             params.update({"class_id": class_id})
         output = scoring_pb2.OutputRequest(output="realism", model=_model_ref(self.card.ref), params=params)
-        request = scoring_pb2.ScoreGradRequest(
-            images=common_pb2.ImageBatch(tensor=_tensor(images)), terms=[scoring_pb2.ObjectiveTerm(output=output, weight=1)]
-        )
+        term = scoring_pb2.ObjectiveTerm(output=output, weight=1)
+        request = scoring_pb2.ScoreGradRequest(images=common_pb2.ImageBatch(tensor=_tensor(images)), terms=[term])
         reply = self.connection.call(self.connection.scoring.ScoreGrad, request)
         return _torch(reply.values, "values"), _torch(reply.grad_images, "grad_images")
 
@@ -340,5 +339,6 @@ class Backends:
         with self._lock:
             if name not in self._built:
                 registry = ModelRegistry(self.settings.registry_paths)
-                self._built[name] = LocalBackend(registry) if name == "local" else RemoteBackend(self.settings, registry)
+                local = name == "local"
+                self._built[name] = LocalBackend(registry) if local else RemoteBackend(self.settings, registry)
             return self._built[name]

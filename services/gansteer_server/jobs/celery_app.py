@@ -19,15 +19,17 @@ from collections.abc import Mapping
 from typing import Any
 
 import redis
+import torch
 from celery import Celery, Task
-from kombu import Queue
+from kombu import Exchange, Queue
 from kombu.exceptions import OperationalError
 
 from gansteer_server.jobs.backends import Backends
 from gansteer_server.jobs.kinds import QUEUES, JobKind, encode_spec, get_kind, kind_names
+from gansteer_server.jobs.records import JobRecord
 from gansteer_server.jobs.runner import WorkerContext, run_segment
 from gansteer_server.jobs.settings import JobSettings
-from gansteer_server.jobs.store import JobRecord, JobStore
+from gansteer_server.jobs.store import JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +147,8 @@ class Jobs:
         """This process's context, built on first use, so a prefork child builds its own after the fork."""
         with self._lock:
             if self._context is None or self._context_pid != os.getpid():
+                if self.settings.settings.torch_threads:
+                    torch.set_num_threads(self.settings.settings.torch_threads)
                 self._context = WorkerContext(
                     settings=self.settings,
                     store=create_store(self.settings),
@@ -157,8 +161,9 @@ class Jobs:
 
 def create_celery(settings: JobSettings, jobs: Jobs) -> Celery:
     app = Celery("gansteer", set_as_current=False)
-    broker = settings.broker
-    transport_options: dict[str, Any] = {}
+    broker = "memory://localhost/" if settings.broker == "memory://" else settings.broker
+    # The in-process transport polls its queues; the default second would add up to a second per segment.
+    transport_options: dict[str, Any] = {"polling_interval": 0.05}
     if not broker.startswith("memory://"):
         transport_options = {
             "global_keyprefix": settings.celery_key_prefix,
@@ -182,7 +187,9 @@ def create_celery(settings: JobSettings, jobs: Jobs) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_queues=[Queue(name) for name in QUEUES],
+        # Each queue on its own direct exchange: a bare Queue(name) would bind to the default queue's exchange and
+        # routing key, and a message for one queue would land in both.
+        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
         task_default_queue=QUEUES[-1],
         task_routes={task_name(name): {"queue": get_kind(name).queue} for name in kind_names()},
         worker_hijack_root_logger=False,
@@ -198,6 +205,7 @@ def _register_task(app: Celery, jobs: Jobs, kind: JobKind) -> None:
     @app.task(
         name=task_name(kind.name),
         bind=True,
+        shared=False,  # each app (service, workers, tests' in-thread workers) runs its own Jobs' settings
         # Redis unreachable mid-segment: the same segment again later (the lease is this worker's, so it resumes).
         autoretry_for=(redis.ConnectionError, redis.TimeoutError),
         retry_backoff=True,

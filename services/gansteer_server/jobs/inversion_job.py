@@ -30,6 +30,7 @@ from gansteer_server.algorithms.inversion.optimizers import is_gradient_optimize
 from gansteer_server.jobs.backends import ModelBackend
 from gansteer_server.jobs.kinds import JobKind, JobRun, StepProgress, SubmitContext, register_kind
 from gansteer_server.jobs.settings import JobSettings
+from gansteer_server.models import ModelCard
 from gansteer_server.proto import optimization_pb2 as opt
 from gansteer_server.servers.convert import float_tensor
 from gansteer_server.servers.errors import invalid_argument
@@ -115,7 +116,9 @@ class InversionJob(JobKind):
         ]
         return torch.stack(images).clamp(-1, 1)
 
-    def _config(self, message: opt.InversionSpec, context: SubmitContext, generator: Any, num_targets: int) -> InversionConfig:
+    def _config(
+        self, message: opt.InversionSpec, context: SubmitContext, generator: ModelCard, num_targets: int
+    ) -> InversionConfig:
         limits = context.settings
         criterion = message.criterion or "l2+features"
         if criterion not in CRITERION_PRESETS:
@@ -129,9 +132,10 @@ class InversionJob(JobKind):
                 raise invalid_argument(f"{FIELD}.{name}", f"must be a finite number >= 0, got {value}", "BAD_WEIGHT")
         if given:
             preset = CRITERION_PRESETS[criterion]
-            weights = CriterionWeights(**{_WEIGHTS[name]: value for name, value in given.items()} | {
-                term: getattr(preset, term) for name, term in _WEIGHTS.items() if name not in given
-            })
+            weights = CriterionWeights(
+                **{_WEIGHTS[name]: value for name, value in given.items()}
+                | {term: getattr(preset, term) for name, term in _WEIGHTS.items() if name not in given}
+            )
         optimizer = message.optimizer.name or "adam"
         if optimizer not in OPTIMIZERS:
             raise invalid_argument(
@@ -148,7 +152,8 @@ class InversionJob(JobKind):
         population = message.optimizer.population_size
         if not 0 <= population <= limits.max_population:
             raise invalid_argument(
-                f"{FIELD}.optimizer.population_size", f"must be 0 (default) to {limits.max_population}, got {population}"
+                f"{FIELD}.optimizer.population_size",
+                f"must be 0 (the default) to {limits.max_population}, got {population}",
             )
         budget = message.budget.amount
         if not 0 < budget <= limits.max_budget:
@@ -202,8 +207,11 @@ class InversionJob(JobKind):
                 f"{limits.max_step_batch}",
                 "BATCH_TOO_LARGE",
             )
-        if config.budget_unit == "generator_calls" and budget < restarts * (1 if config.gradient else config.population):
-            raise invalid_argument(f"{FIELD}.budget.amount", f"{budget} generator calls is less than one step costs")
+        step_cost = restarts * (1 if config.gradient else config.population)
+        if config.budget_unit == "generator_calls" and budget < step_cost:
+            raise invalid_argument(
+                f"{FIELD}.budget.amount", f"{budget} generator calls is less than one step costs ({step_cost})"
+            )
         return config
 
     def total_steps(self, spec: InversionJobSpec) -> int:
@@ -276,7 +284,8 @@ class InversionJobRun:
         curve = torch.stack([item.curve for item in items])  # (T, steps): best-so-far criterion after each step
         result.curve.steps.extend(range(1, curve.shape[1] + 1))
         result.curve.values["total"].CopyFrom(float_tensor(curve))
-        result.tensors["restart_criteria"].CopyFrom(float_tensor(torch.stack([item.restart_criteria for item in items])))
+        restarts = torch.stack([item.restart_criteria for item in items])
+        result.tensors["restart_criteria"].CopyFrom(float_tensor(restarts))
         return result
 
 

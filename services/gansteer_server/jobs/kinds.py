@@ -94,7 +94,8 @@ class SubmitContext:
         if values.shape[0] == 1 and channels != 1:
             values = values.expand(channels, -1, -1)
         if values.shape[0] != channels:
-            raise invalid_argument(field, f"{values.shape[0]} channels; expected {channels} (or 1 for grey)", "BAD_CHANNELS")
+            message = f"{values.shape[0]} channels; expected {channels} (or 1 for grey)"
+            raise invalid_argument(field, message, "BAD_CHANNELS")
         return values.contiguous()
 
 

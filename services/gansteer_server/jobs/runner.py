@@ -43,8 +43,9 @@ from gansteer.tensors import from_tensor_proto
 
 from gansteer_server.jobs.backends import Backends
 from gansteer_server.jobs.kinds import JobKind, JobRun, StepProgress, decode_spec, get_kind
+from gansteer_server.jobs.records import ClaimOutcome, JobRecord, JobState, LeaseLost, state_event
 from gansteer_server.jobs.settings import JobSettings
-from gansteer_server.jobs.store import ClaimOutcome, JobRecord, JobState, JobStore, LeaseLost, state_event
+from gansteer_server.jobs.store import JobStore
 from gansteer_server.proto import optimization_pb2 as opt
 from gansteer_server.servers.convert import image_batch
 
@@ -239,4 +240,3 @@ class _Segment:
         self.store.release(self.job_id, self.owner)
         self.context.enqueue(self.record, self.segment, delay)
         return "retry"
-

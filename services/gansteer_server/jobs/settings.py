@@ -9,8 +9,6 @@ while its first copy still runs (celery #5935).
 from __future__ import annotations
 
 import dataclasses
-import os
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,11 +78,3 @@ class JobSettings:
     @property
     def celery_key_prefix(self) -> str:
         return f"{self.key_prefix}celery:"
-
-
-def worker_identity() -> str:
-    """`host:pid` of this process: the lease owner a worker writes, and how a worker on the same host tells that a
-    lease's owner has died (its pid is gone) without waiting for the lease to expire."""
-    import os
-
-    return f"{socket.gethostname()}:{os.getpid()}"

@@ -18,212 +18,24 @@ on the record, so the store also runs on an in-memory Redis without Lua (the emb
 
 from __future__ import annotations
 
-import enum
 import hashlib
-import json
-import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from google.protobuf.timestamp_pb2 import Timestamp
 
+from gansteer_server.jobs.records import (
+    Claim,
+    ClaimOutcome,
+    JobRecord,
+    JobState,
+    LeaseLost,
+    encode_field,
+    new_job_id,
+    state_event,
+)
 from gansteer_server.proto import optimization_pb2 as opt
-
-
-class JobState(enum.StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
-
-    @property
-    def proto(self) -> opt.JobState:
-        return _PROTO_STATES[self]
-
-
-_PROTO_STATES = {
-    JobState.QUEUED: opt.JOB_STATE_QUEUED,
-    JobState.RUNNING: opt.JOB_STATE_RUNNING,
-    JobState.SUCCEEDED: opt.JOB_STATE_SUCCEEDED,
-    JobState.FAILED: opt.JOB_STATE_FAILED,
-    JobState.CANCELLED: opt.JOB_STATE_CANCELLED,
-}
-
-
-def new_job_id() -> str:
-    """12 hex digits of milliseconds then 12 random ones: ids sort by creation time, so listings page by id."""
-    return f"{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    """One job's record as stored (times are seconds since the epoch; 0 when not reached)."""
-
-    id: str
-    kind: str
-    owner: str
-    state: JobState
-    queue: str
-    priority: int = 0
-    time_limit_s: float = 0.0
-    preview_every: int = 0
-    labels: dict[str, str] = field(default_factory=dict)
-    step: int = 0
-    total_steps: int = 0
-    generator_calls: int = 0
-    criterion: dict[str, float] = field(default_factory=dict)
-    run_seconds: float = 0.0
-    created: float = 0.0
-    started: float = 0.0
-    updated: float = 0.0
-    finished: float = 0.0
-    expires: float = 0.0
-    error: str = ""
-    error_reason: str = ""
-    segment: int = 0
-    segment_deliveries: int = 0
-    deliveries: int = 0
-    lease_owner: str = ""
-    lease_expiry: float = 0.0
-    cancel_requested: bool = False
-    cancel_reason: str = ""
-    has_result: bool = False
-    idempotency_key: str = ""
-
-    @classmethod
-    def from_hash(cls, data: Mapping[bytes, bytes]) -> JobRecord:
-        text = {k.decode(): v.decode() for k, v in data.items()}
-        values: dict[str, Any] = {}
-        for name, kind in _FIELD_TYPES.items():
-            if name not in text:
-                continue
-            raw = text[name]
-            if kind is bool:
-                values[name] = raw == "1"
-            elif kind in (dict, JobState):
-                values[name] = json.loads(raw) if kind is dict else JobState(raw)
-            else:
-                values[name] = kind(raw)
-        return cls(**values)
-
-    def to_proto(self, last_event_id: str = "") -> opt.Job:
-        job = opt.Job(
-            id=self.id,
-            kind=self.kind,
-            state=self.state.proto,
-            owner=self.owner,
-            step=self.step,
-            total_steps=self.total_steps,
-            criterion=self.criterion,
-            error=self.error,
-            cancel_requested=self.cancel_requested,
-            attempts=self.segment_deliveries,
-            last_event_id=last_event_id,
-            labels=self.labels,
-            priority=self.priority,
-        )
-        for name, seconds in (
-            ("created_at", self.created),
-            ("started_at", self.started),
-            ("finished_at", self.finished),
-            ("expires_at", self.expires),
-        ):
-            if seconds:
-                getattr(job, name).CopyFrom(timestamp(seconds))
-        if self.error:
-            job.error_details.add(reason=self.error_reason, message=self.error)
-        return job
-
-
-_FIELD_TYPES: dict[str, Any] = {
-    "id": str,
-    "kind": str,
-    "owner": str,
-    "state": JobState,
-    "queue": str,
-    "priority": int,
-    "time_limit_s": float,
-    "preview_every": int,
-    "labels": dict,
-    "step": int,
-    "total_steps": int,
-    "generator_calls": int,
-    "criterion": dict,
-    "run_seconds": float,
-    "created": float,
-    "started": float,
-    "updated": float,
-    "finished": float,
-    "expires": float,
-    "error": str,
-    "error_reason": str,
-    "segment": int,
-    "segment_deliveries": int,
-    "deliveries": int,
-    "lease_owner": str,
-    "lease_expiry": float,
-    "cancel_requested": bool,
-    "cancel_reason": str,
-    "has_result": bool,
-    "idempotency_key": str,
-}
-
-
-def _encode(value: Any) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, dict):
-        return json.dumps(value, sort_keys=True)
-    if isinstance(value, JobState):
-        return value.value
-    return str(value)
-
-
-def timestamp(seconds: float) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
-
-
-def state_event(state: JobState, previous: JobState | None, message: str = "") -> opt.JobEvent:
-    return opt.JobEvent(
-        state_change=opt.StateChange(
-            state=state.proto,
-            previous=previous.proto if previous is not None else opt.JOB_STATE_UNSPECIFIED,
-            message=message,
-        )
-    )
-
-
-class ClaimOutcome(enum.Enum):
-    """What a delivered task may do with its job."""
-
-    RUN = "run"  # the lease is ours: run the segment
-    GONE = "gone"  # no such job (expired or never stored)
-    FINISHED = "finished"  # the job ended; this copy is late
-    STALE = "stale"  # the job moved past this segment; this copy is a duplicate
-    HELD = "held"  # another live worker holds the lease; try again after `retry_after_s`
-    OVER_CAP = "over_cap"  # delivered more than the cap without finishing the segment: the job is failed
-
-
-@dataclass(frozen=True)
-class Claim:
-    outcome: ClaimOutcome
-    record: JobRecord | None = None
-    retry_after_s: float = 0.0
-    resumed: bool = False  # a previous delivery of this segment started and did not finish it
-
-
-class LeaseLost(Exception):
-    """The worker no longer holds the job's lease (it expired and another worker took the job, or it ended)."""
 
 
 class JobStore:
@@ -305,7 +117,7 @@ class JobStore:
             idempotency_key=idem_key,
         )
         pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self.job_key(job_id), mapping={k: _encode(v) for k, v in record.__dict__.items()})
+        pipe.hset(self.job_key(job_id), mapping={k: encode_field(v) for k, v in record.__dict__.items()})
         pipe.hset(self.spec_key(job_id), mapping={"proto": spec_proto, "state": spec_state})
         pipe.zadd(self.index_key(None), {job_id: 0})
         pipe.zadd(self.index_key(owner), {job_id: 0})
@@ -348,8 +160,8 @@ class JobStore:
             pipe.execute()
 
     def request_cancel(self, job_id: str, reason: str) -> JobRecord | None:
-        """Set the cancel flag. A job no worker holds (queued, or its worker's lease lapsed) is cancelled at once;
-        a running one is cancelled by its worker at its next step. A finished job is left as it is."""
+        """Set the cancel flag. A queued job, or one whose worker's lease lapsed, is cancelled at once; a running
+        one by its worker before its next step (keeping the best result so far). A finished job is left as is."""
 
         def cancel(pipe: redis.client.Pipeline) -> JobRecord | None:
             data = pipe.hgetall(self.job_key(job_id))
@@ -361,7 +173,9 @@ class JobStore:
             now = _redis_time(pipe)
             pipe.multi()
             pipe.hset(self.job_key(job_id), mapping={"cancel_requested": "1", "cancel_reason": reason})
-            if record.state is JobState.QUEUED or record.lease_expiry < now:
+            # No worker will see the flag: never claimed, or claimed by a worker whose lease lapsed (it died). Between
+            # segments (no lease owner) the next segment's task is queued and its worker cancels with the result.
+            if record.state is JobState.QUEUED or (record.lease_owner and record.lease_expiry < now):
                 message = reason or "cancelled by request"
                 self._queue_finish(pipe, record, JobState.CANCELLED, now, message=message)
             return record
@@ -455,7 +269,7 @@ class JobStore:
             if record.state is JobState.QUEUED:
                 updates |= {"state": JobState.RUNNING, "started": now}
                 self._xadd(pipe, job_id, state_event(JobState.RUNNING, JobState.QUEUED))
-            pipe.hset(self.job_key(job_id), mapping={k: _encode(v) for k, v in updates.items()})
+            pipe.hset(self.job_key(job_id), mapping={k: encode_field(v) for k, v in updates.items()})
             claimed = JobRecord(**(record.__dict__ | updates))
             return Claim(ClaimOutcome.RUN, claimed, resumed=same_segment and deliveries > 1)
 
@@ -478,7 +292,7 @@ class JobStore:
                 raise LeaseLost(job_id)
             now = _redis_time(pipe)
             pipe.multi()
-            pipe.hset(self.job_key(job_id), "lease_expiry", _encode(now + lease_s))
+            pipe.hset(self.job_key(job_id), "lease_expiry", encode_field(now + lease_s))
             return cancel == b"1"
 
         return self.client.transaction(renew, self.job_key(job_id), value_from_callable=True)
@@ -488,7 +302,7 @@ class JobStore:
         pipe = self.client.pipeline(transaction=False)
         self._xadd(pipe, job_id, event)
         if updates:
-            pipe.hset(self.job_key(job_id), mapping={k: _encode(v) for k, v in updates.items()})
+            pipe.hset(self.job_key(job_id), mapping={k: encode_field(v) for k, v in updates.items()})
         pipe.execute()
 
     def append_event(self, job_id: str, event: opt.JobEvent) -> None:
@@ -514,7 +328,7 @@ class JobStore:
                 "run_seconds": run_seconds,
                 "updated": time.time(),
             }
-            pipe.hset(self.job_key(job_id), mapping={k: _encode(v) for k, v in updates.items()})
+            pipe.hset(self.job_key(job_id), mapping={k: encode_field(v) for k, v in updates.items()})
 
         self.client.transaction(write, self.job_key(job_id))
 
@@ -595,7 +409,7 @@ class JobStore:
         }
         if state is JobState.FAILED:
             updates |= {"error": message, "error_reason": reason or "JOB_FAILED"}
-        pipe.hset(self.job_key(record.id), mapping={k: _encode(v) for k, v in updates.items()})
+        pipe.hset(self.job_key(record.id), mapping={k: encode_field(v) for k, v in updates.items()})
         self._xadd(pipe, record.id, state_event(state, record.state, message))
         pipe.delete(self.checkpoint_key(record.id))
         for key in self._job_keys(record.id):
@@ -606,7 +420,8 @@ class JobStore:
     def _xadd(self, pipe: redis.client.Pipeline, job_id: str, event: opt.JobEvent) -> None:
         if not event.HasField("time"):
             event.time.GetCurrentTime()
-        pipe.xadd(self.events_key(job_id), {"e": event.SerializeToString()}, maxlen=self.events_maxlen, approximate=True)
+        key = self.events_key(job_id)
+        pipe.xadd(key, {"e": event.SerializeToString()}, maxlen=self.events_maxlen, approximate=True)
 
     def scan_keys(self) -> Iterator[bytes]:
         """Every key under this store's prefix (tests clean up with it)."""

@@ -40,7 +40,9 @@ def worker_argv(queues: Sequence[str], pool: str, concurrency: int, loglevel: st
 
 def run_worker(settings: JobSettings, argv: Sequence[str] | None = None) -> None:
     """Run a worker in this process until it is stopped (SIGTERM: finish the current segment, then exit)."""
-    parser = argparse.ArgumentParser(prog="gansteer-worker", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="gansteer-worker", description="Run a gansteer worker: a Celery worker that runs job segments."
+    )
     parser.add_argument("--queues", default=",".join(QUEUES), help="comma-separated queues (default: all)")
     parser.add_argument("--pool", default="prefork", choices=("prefork", "solo", "threads"))
     parser.add_argument("-c", "--concurrency", type=int, default=1)
@@ -52,9 +54,7 @@ def run_worker(settings: JobSettings, argv: Sequence[str] | None = None) -> None
         parser.error(f"unknown queues {unknown}; expected some of {list(QUEUES)}")
     jobs = Jobs(settings)
     hostname = args.hostname or "gansteer@%h"
-    jobs.celery.worker_main(
-        worker_argv(queues, args.pool, args.concurrency, settings.settings.log_level, hostname)
-    )
+    jobs.celery.worker_main(worker_argv(queues, args.pool, args.concurrency, settings.settings.log_level, hostname))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

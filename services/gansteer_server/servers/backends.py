@@ -72,8 +72,8 @@ class ModelStore:
         return listed or card.format == "onnx"
 
     def torch_model(self, card: ModelCard) -> nn.Module:
-        """The torch module in eval mode (loaded once)."""
-        with self._lock:
+        """The torch module in eval mode (loaded once; never as inference tensors, so gradients can use it)."""
+        with self._lock, torch.inference_mode(False):
             module = self._torch.get(card.ref)
             if module is None:
                 if card.format == "onnx":

@@ -38,7 +38,9 @@ def card_proto(
         embedding_size=card.embedding_size or 0,
         resolution=card.resolution or 0,
         channels=card.channels,
-        metrics={k: float(v) for k, v in card.metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)},
+        metrics={
+            k: float(v) for k, v in card.metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        },
         card_json=card.to_json(),
         description=card.description,
         backends=backends,

@@ -138,6 +138,11 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             raise error
         if _is_abort(context):
             raise error  # an abort raised below this interceptor already carries its status
+        if not context.is_active():
+            # The client cancelled or its deadline passed (a request stream then raises RpcError): nobody is
+            # listening for a status any more, and nothing went wrong on the server.
+            logger.debug("%s ended by the client: %r", method, error)
+            return
         service_error = translate(error)
         if service_error is None:
             incident = uuid.uuid4().hex[:12]

@@ -171,10 +171,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 raise invalid_argument("condition", f"{card.ref} is unconditional; leave `condition` unset")
             return None
         if which == "embeddings":
-            vectors = validation.embeddings(request.condition.embeddings, "condition.embeddings", n, card.embedding_size)
+            vectors = validation.embeddings(
+                request.condition.embeddings, "condition.embeddings", n, card.embedding_size
+            )
             return Condition(vectors, None)
         if which == "class_ids":
-            ids = validation.class_ids(request.condition.class_ids.ids, "condition.class_ids.ids", n, self._classes(card))
+            ids = validation.class_ids(
+                request.condition.class_ids.ids, "condition.class_ids.ids", n, self._classes(card)
+            )
         elif seed is not None:
             ids = sampling.draw_classes(seed, n, self._classes(card))
         else:

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
+import torch
 from gansteer.tensors import to_tensor_proto
+from google.protobuf import json_format
 from torch import Tensor
 
 from gansteer_server.algorithms import scorers
@@ -244,15 +245,20 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         with self._lock:
             models = self._models.get(key)
         if models is None:
-            card = self.store.card(output.ref)
-            model = self.store.onnx_model(card) if output.onnx else self.store.torch_model(card)
-            fields = {output.slot: ImageInput(model, card)}
-            if output.slot == "classifier":
-                fields["classifier_class_names"] = tuple(card.class_names or ())
-            models = scorers.ScoringModels(**fields)
+            models = self._build_models(output)
             with self._lock:
                 models = self._models.setdefault(key, models)
         return models
+
+    def _build_models(self, output: OutputPlan) -> scorers.ScoringModels:
+        assert output.slot is not None and output.ref is not None
+        with torch.inference_mode(False):  # built on a batcher thread; ScoreGrad differentiates through them later
+            card = self.store.card(output.ref)
+            model = self.store.onnx_model(card) if output.onnx else self.store.torch_model(card)
+            fields: dict[str, Any] = {output.slot: ImageInput(model, card)}
+            if output.slot == "classifier":
+                fields["classifier_class_names"] = tuple(card.class_names or ())
+            return scorers.ScoringModels(**fields)
 
     def _merged_models(self, outputs: Sequence[OutputPlan]) -> scorers.ScoringModels:
         fields: dict[str, Any] = {}

@@ -73,7 +73,9 @@ def tensor(
         reason = "BAD_BYTE_LENGTH" if ".data:" in str(error) else "BAD_SHAPE"
         raise from_value_error(error, reason) from None
     if shape is not None:
-        matches = array.ndim == len(shape) and all(e is None or e == d for e, d in zip(shape, array.shape, strict=False))
+        matches = array.ndim == len(shape) and all(
+            e is None or e == d for e, d in zip(shape, array.shape, strict=False)
+        )
         if not matches:
             expected = "[" + ", ".join("N" if e is None else str(e) for e in shape) + "]"
             raise invalid_argument(f"{field}.shape", f"must be {expected}, got {list(array.shape)}", "BAD_SHAPE")

@@ -1,0 +1,572 @@
+"""Inversion benchmark (seed 003, Table III): each optimizer's criterion and PSNR per case and budget, the job
+machinery's overhead per step, and the speedup of evaluating a population in one batch.
+
+    python bench/inversion.py            # full run: about 15-20 minutes on 2 cores with 1 torch thread
+    python bench/inversion.py --quick    # smoke run (one case, tiny budgets) in under a minute
+
+Writes `bench/results/inversion.json` (`--quick`: `inversion_quick.json`). How each figure is made, and why:
+
+- table: budgets count generator calls per target (images generated per target, the x-axis of the seed's Figure 7),
+  not iterations, so an Adam step, an L-BFGS line-search trial and one population member each cost one; a backward
+  pass is not counted, so each entry also stores its wall seconds. Every optimizer starts from the same seed on the
+  same targets, with the criterion of Table III's caption (L2 + VGG: preset `l2+features`) and the seed's defaults
+  (IV-C: step 1, decays at 1/3 and 2/3, no grid search; nevergrad's defaults with `population` workers).
+- overhead: real inversion jobs (gRPC SubmitJob -> Celery on Redis -> worker thread -> `run_segment`, the code a
+  worker runs, with its lease checks, progress events, segment checkpoints and result), timed from the job's RUNNING
+  to its SUCCEEDED event and divided by its steps, over a bare forward-and-backward of generator plus criterion at
+  the same batch, measured between the jobs in the same process at the same thread count. `remote` runs the same
+  job through the generation and scoring services' autograd backend.
+- population_speedup: the same asked candidates scored one at a time and in one batch (results asserted equal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import secrets
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+import nevergrad as ng
+import numpy as np
+import redis
+import skimage.data
+import torch
+from gansteer.tensors import to_tensor_proto
+from gansteer_server.algorithms.inversion import CRITERION_PRESETS, InversionConfig, InversionModels, InversionRun
+from gansteer_server.algorithms.inversion.criteria import resize
+from gansteer_server.algorithms.inversion.optimizers import is_gradient_optimizer
+from gansteer_server.config import Settings
+from gansteer_server.data.scenes import render_scenes
+from gansteer_server.embedded import Stack, start_stack
+from gansteer_server.jobs.backends import LocalBackend
+from gansteer_server.models import ModelRegistry
+from gansteer_server.proto import common_pb2, optimization_pb2_grpc
+from gansteer_server.proto import optimization_pb2 as opt
+from torch import Tensor
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CASES = ("reconstruction", "semi-specified", "misspecified")
+# Column labels: the seed's abbreviations (Table III, Figure 6).
+LABELS = {
+    "adam": "Adam",
+    "lbfgs": "LBFGS",
+    "nesterov": "Nesterov",
+    "random_search": "RS",
+    "TwoPointsDE": "2PDE",
+    "DE": "DE",
+    "DiscreteDE": "DDE",
+    "DiscreteOnePlusOne": "DOPO",
+    "CMA": "CMA",
+}
+CRITERION = "l2+features"  # Table III's caption: "defined criterion L2 + VGG loss"
+BUDGET_UNIT = "generator_calls"
+BUDGET_UNIT_WHY = (
+    "generator calls per target (images generated per target; a backward pass is not counted): the seed's Figure 7 "
+    "axis; it makes gradient and gradient-free optimizers comparable, since an L-BFGS step costs one call per "
+    "line-search trial and a gradient-free step one per population member"
+)
+DATA_SEED = 900  # render_scenes seeds of training and evaluation: 100 (GAN), 200, 300 (classifiers), 400, 500
+TARGET_SEED = 1234  # latents and classes of the reconstruction targets (searches start from InversionConfig.seed)
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
+PHOTO_RESIZE = "centre crop to a square, then torch bilinear with antialias=True (the criterion's resize)"
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What one run measures; FULL and QUICK are the two presets."""
+
+    mode: str
+    cases: tuple[str, ...] = CASES
+    optimizers: tuple[str, ...] = tuple(LABELS)
+    budgets: tuple[int, ...] = (100, 300, 1000)
+    targets: int = 4
+    population: int = 8  # InversionConfig's default
+    seed: int = 0
+    local_steps: int = 400  # per timed job: two segments of JobSettings' default 200 steps
+    remote_steps: int = 200
+    rounds: int = 3  # timed jobs per backend, each followed by a bare block
+    bare_steps: int = 100  # bare forward-and-backward passes per block
+    segment_steps: int = 0  # 0: JobSettings' default
+    speedup_repeats: int = 3
+
+
+FULL = BenchConfig(mode="full")
+QUICK = BenchConfig(
+    mode="quick",
+    cases=("reconstruction",),
+    budgets=(16, 48),
+    targets=2,
+    local_steps=30,
+    remote_steps=15,
+    rounds=1,
+    bare_steps=20,
+    segment_steps=10,
+    speedup_repeats=2,
+)
+
+
+@dataclass(frozen=True)
+class BenchModels:
+    """The models as the local job backend hands them to the algorithm, and their pinned references."""
+
+    inversion: InversionModels
+    refs: dict[str, str]
+    feature_size: int
+    resolution: int
+    num_classes: int
+
+    @property
+    def class_mode(self) -> str:
+        return "search" if self.inversion.class_embeddings is not None else "none"
+
+
+def load_models(registry: ModelRegistry, generator: str, discriminator: str, feature_extractor: str) -> BenchModels:
+    backend = LocalBackend(registry)
+    gen, disc, features = backend.card(generator), backend.card(discriminator), backend.card(feature_extractor)
+    wrapped = backend.generator(gen.ref)
+    models = InversionModels(
+        generator=wrapped,
+        z_size=gen.latent_size or 0,
+        class_embeddings=wrapped.class_embeddings(),
+        feature_extractor=backend.feature_extractor(features.ref),
+        discriminator=backend.discriminator(disc.ref),
+    )
+    refs = {"generator": gen.ref, "discriminator": disc.ref, "feature_extractor": features.ref}
+    return BenchModels(models, refs, features.resolution or 32, gen.resolution or 32, gen.num_classes or 0)
+
+
+def run_config(config: BenchConfig, models: BenchModels, optimizer: str, budget: int, unit: str) -> InversionConfig:
+    return InversionConfig(
+        optimizer=optimizer,
+        criterion=CRITERION,
+        budget=budget,
+        budget_unit=unit,  # type: ignore[arg-type]
+        population=config.population,
+        class_mode=models.class_mode,  # type: ignore[arg-type]
+        feature_size=models.feature_size,
+        seed=config.seed,
+    )
+
+
+# --- targets -------------------------------------------------------------------------------------------------------
+
+
+def case_targets(case: str, models: BenchModels, count: int) -> Tensor:
+    """(count, 3, R, R) in [-1, 1]: generated (reconstruction), rendered scenes (semi-), photographs (misspecified)."""
+    if case == "reconstruction":
+        rng = torch.Generator().manual_seed(TARGET_SEED)
+        z = torch.randn(count, models.inversion.z_size, generator=rng)
+        ids = torch.randint(0, models.num_classes, (count,), generator=rng) if models.num_classes else None
+        with torch.no_grad():
+            return models.inversion.generator(z, ids).clamp(-1, 1)
+    if case == "semi-specified":
+        pixels = render_scenes(count, seed=DATA_SEED, resolution=models.resolution).images
+        return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+    if case == "misspecified":
+        if count > len(PHOTOS):
+            raise ValueError(f"{count} targets, but only {len(PHOTOS)} photographs: {PHOTOS}")
+        return torch.cat([_photo(name, models.resolution) for name in PHOTOS[:count]])
+    raise ValueError(f"unknown case {case!r}; expected one of {CASES}")
+
+
+def _photo(name: str, size: int) -> Tensor:
+    pixels = getattr(skimage.data, name)()[..., :3]
+    side = min(pixels.shape[:2])
+    top, left = (pixels.shape[0] - side) // 2, (pixels.shape[1] - side) // 2
+    square = torch.from_numpy(np.ascontiguousarray(pixels[top : top + side, left : left + side]))
+    return resize(square.permute(2, 0, 1)[None].float() / 127.5 - 1, size).clamp(-1, 1)
+
+
+# --- the table -----------------------------------------------------------------------------------------------------
+
+
+def _number(value: float) -> float | None:
+    """JSON has no inf or NaN: a run whose every evaluation diverged is stored as null."""
+    return value if math.isfinite(value) else None
+
+
+def run_table(config: BenchConfig, models: BenchModels, targets: dict[str, Tensor], log: Log) -> dict[str, Any]:
+    """case -> optimizer -> budget -> the means over the targets of the final criterion, PSNR and SSIM."""
+    table: dict[str, Any] = {}
+    for case, case_targets_ in targets.items():
+        for name in config.optimizers:
+            started = time.perf_counter()
+            for budget in config.budgets:
+                run = InversionRun(
+                    run_config(config, models, name, budget, BUDGET_UNIT), models.inversion, case_targets_
+                )
+                start = time.perf_counter()
+                while not run.done:
+                    run.step()
+                seconds = time.perf_counter() - start
+                items = run.result()
+                table.setdefault(case, {}).setdefault(name, {})[str(budget)] = {
+                    "criterion": _number(statistics.fmean(item.criterion for item in items)),
+                    "psnr": _number(statistics.fmean(item.psnr for item in items)),
+                    "ssim": _number(statistics.fmean(item.ssim for item in items)),
+                    "steps": run.steps,
+                    "generator_calls": run.generator_calls,
+                    "seconds": round(seconds, 3),
+                }
+            log(f"  {case:15} {LABELS.get(name, name):9} {time.perf_counter() - started:6.1f} s")
+    return table
+
+
+# --- population speedup --------------------------------------------------------------------------------------------
+
+
+class AskedPopulation:
+    """One population asked of a fresh run, scored as InversionRun's own population step scores it."""
+
+    def __init__(self, config: BenchConfig, models: BenchModels, name: str, targets: Tensor) -> None:
+        budget = max(config.budgets)
+        self.run = InversionRun(run_config(config, models, name, budget, BUDGET_UNIT), models.inversion, targets)
+        candidates = self.run.optimizer.ask()  # type: ignore[union-attr]
+        searches, population, _ = candidates.shape
+        self.candidates = candidates.reshape(searches * population, -1)
+        self.index = torch.arange(searches).repeat_interleave(population)
+
+    def __len__(self) -> int:
+        return len(self.candidates)
+
+    @torch.no_grad()
+    def losses(self, rows: slice) -> Tensor:
+        run = self.run
+        z, condition = run.decode(self.candidates[rows], self.index[rows])
+        fixed = condition if run.config.class_mode == "conditioned" else None
+        return run.criterion(run.models.generator(z, condition), z, self.index[rows] // run.restarts, fixed)[0]
+
+
+def population_speedup(config: BenchConfig, models: BenchModels, targets: Tensor) -> dict[str, dict[str, float]]:
+    """Per gradient-free optimizer: one asked population scored one candidate per call and all in one call."""
+    found: dict[str, dict[str, float]] = {}
+    for name in (n for n in config.optimizers if not is_gradient_optimizer(n)):
+        population = AskedPopulation(config, models, name, targets)
+        single_s, batched_s = [], []
+        for _ in range(config.speedup_repeats):
+            start = time.perf_counter()
+            single = torch.cat([population.losses(slice(i, i + 1)) for i in range(len(population))])
+            single_s.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            batched = population.losses(slice(None))
+            batched_s.append(time.perf_counter() - start)
+        torch.testing.assert_close(single, batched, rtol=1e-4, atol=1e-4)
+        found[name] = {
+            "candidates": len(population),
+            "single_s": statistics.median(single_s),
+            "batched_s": statistics.median(batched_s),
+            "max_abs_difference": float((single - batched).abs().max()),
+        }
+    return found
+
+
+# --- job machinery overhead ----------------------------------------------------------------------------------------
+
+
+def bare_per_step(config: BenchConfig, models: BenchModels, targets: Tensor, steps: int) -> tuple[float, float]:
+    """Wall and process CPU seconds per forward-and-backward of generator plus criterion over one Adam run's
+    variables, and nothing else (`steps` of them, after one to warm up)."""
+    run = InversionRun(run_config(config, models, "adam", 1000, "iterations"), models.inversion, targets)
+    variables = run.variables.detach().clone().requires_grad_(True)
+    index = torch.arange(run.num_searches)
+
+    def once() -> None:
+        z, condition = run.decode(variables, index)
+        losses, _ = run.criterion(models.inversion.generator(z, condition), z, index // run.restarts)
+        losses.sum().backward()
+        variables.grad = None
+
+    once()
+    start, cpu = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        once()
+    return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
+
+
+@contextmanager
+def job_stack(settings: Settings, config: BenchConfig, redis_url: str | None) -> Iterator[Stack]:
+    """Services and a worker thread on a private redis-server (or under a fresh key prefix of `redis_url`)."""
+    prefix = f"gansteer-bench-{secrets.token_hex(4)}:"
+    options = {"segment_steps": config.segment_steps} if config.segment_steps else {}
+    stack = start_stack(
+        redis_url=redis_url,
+        transport="auto" if redis_url else "redis-server",
+        settings=settings,
+        key_prefix=prefix,
+        job_options=options,
+        torch_threads=torch.get_num_threads(),
+    )
+    try:
+        yield stack
+    finally:
+        stack.stop()
+        if redis_url:
+            client = redis.Redis.from_url(redis_url)
+            for key in client.scan_iter(match=f"{prefix}*", count=1000):
+                client.delete(key)
+            client.close()
+
+
+def job_spec(config: BenchConfig, models: BenchModels, targets: Tensor, steps: int, backend: str) -> opt.JobSpec:
+    """An Adam inversion of `targets` for `steps` iterations, as a client submits it."""
+    refs = models.refs
+    inversion = opt.InversionSpec(
+        targets=[common_pb2.Image(tensor=to_tensor_proto(target.numpy())) for target in targets],
+        generator=common_pb2.ModelRef(name=refs["generator"]),
+        discriminator=common_pb2.ModelRef(name=refs["discriminator"]),
+        feature_extractor=common_pb2.ModelRef(name=refs["feature_extractor"]),
+        criterion=CRITERION,
+        optimizer=opt.Optimizer(name="adam"),
+        budget=opt.Budget(unit=opt.BUDGET_UNIT_ITERATIONS, amount=steps),
+        seed=config.seed,
+        backend=opt.BACKEND_LOCAL if backend == "local" else opt.BACKEND_REMOTE,
+    )
+    return opt.JobSpec(inversion=inversion)
+
+
+def timed_job(stub: Any, spec: opt.JobSpec, metadata: tuple[tuple[str, str], ...]) -> dict[str, float]:
+    """Submit, watch to the end; wall seconds from the RUNNING to the SUCCEEDED event (worker-side timestamps), and
+    this process's CPU seconds from submission to the end (it holds the worker and the services)."""
+    cpu = time.process_time()
+    job_id = stub.SubmitJob(opt.SubmitJobRequest(spec=spec), metadata=metadata).job_id
+    running = finished = loop_s = 0.0
+    steps, state, message = 0, opt.JOB_STATE_UNSPECIFIED, ""
+    for event in stub.WatchJob(opt.WatchJobRequest(job_id=job_id, skip_previews=True), metadata=metadata):
+        if event.HasField("progress"):
+            steps, loop_s = int(event.progress.step), event.progress.elapsed_s
+        elif event.HasField("state_change"):
+            state, message = event.state_change.state, event.state_change.message
+            if state == opt.JOB_STATE_RUNNING and not running:
+                running = event.time.ToNanoseconds() / 1e9
+            finished = event.time.ToNanoseconds() / 1e9
+    if state != opt.JOB_STATE_SUCCEEDED:
+        raise RuntimeError(f"job {job_id} ended {opt.JobState.Name(state)}: {message}")
+    return {"steps": steps, "wall_s": finished - running, "loop_s": loop_s, "cpu_s": time.process_time() - cpu}
+
+
+def measure_overhead(
+    config: BenchConfig, models: BenchModels, targets: Tensor, settings: Settings, redis_url: str | None, log: Log
+) -> dict[str, Any]:
+    """Jobs of each backend alternated with bare blocks. A background load that drifts (this machine shares its
+    cores) moves a job and its neighbouring bare blocks together, so each job is divided by the mean of the two
+    blocks around it, and a backend's overhead is the median of its jobs' ratios."""
+    steps = {"local": config.local_steps, "remote": config.remote_steps}
+    jobs: dict[str, list[dict[str, float]]] = {"local": [], "remote": []}
+    bare = [bare_per_step(config, models, targets, config.bare_steps)]
+    with job_stack(settings, config, redis_url) as stack, grpc.insecure_channel(stack.optimization_address) as channel:
+        stub = optimization_pb2_grpc.OptimizationServiceStub(channel)
+        metadata = (("authorization", f"Bearer {stack.api_key}"),) if stack.api_key else ()
+        for backend in jobs:  # warm-up: the worker and the services load their models once per process
+            timed_job(stub, job_spec(config, models, targets, 2, backend), metadata)
+        for _ in range(config.rounds):
+            for backend, timed in jobs.items():
+                job = timed_job(stub, job_spec(config, models, targets, steps[backend], backend), metadata)
+                bare.append(bare_per_step(config, models, targets, config.bare_steps))
+                job["seconds_per_step"] = job["wall_s"] / job["steps"]
+                job["ratio"] = job["seconds_per_step"] / ((bare[-2][0] + bare[-1][0]) / 2)
+                job["cpu_ratio"] = job["cpu_s"] / job["steps"] / ((bare[-2][1] + bare[-1][1]) / 2)
+                timed.append(job)
+                log(f"  {backend} job: {job['seconds_per_step'] * 1e3:.1f} ms per step, {job['ratio']:.2f} x bare")
+        job_settings, transport = stack.job_settings, stack.transport
+    found: dict[str, Any] = {
+        "measured_path": (
+            "gRPC SubmitJob -> Celery on Redis -> in-thread solo worker (gansteer_server.embedded.start_stack: "
+            "services, worker and this benchmark share one process) -> run_segment -> InversionJobRun.step; per step "
+            "= (SUCCEEDED event time - RUNNING event time) / steps, after one warm-up job per backend; ratio = "
+            "median over jobs of (job seconds per step / mean of the bare blocks before and after it); cpu_ratio: the "
+            "same with this process's CPU seconds (job: submission to end), which a busy neighbour does not inflate"
+        ),
+        "transport": transport,
+        "optimizer": "adam",
+        "batch": len(targets),
+        "bare_seconds_per_step": statistics.fmean(wall for wall, _ in bare),
+        "bare_blocks_seconds_per_step": [{"wall_s": wall, "cpu_s": cpu} for wall, cpu in bare],
+        "bare_steps_per_block": config.bare_steps,
+        "job_settings": {
+            name: getattr(job_settings, name)
+            for name in ("segment_steps", "segment_seconds", "progress_interval_s", "lease_s")
+        },
+        "service_batching": {"max_batch": settings.max_batch, "max_delay_ms": settings.max_delay_ms},
+    }
+    for backend, timed in jobs.items():
+        found[backend] = {
+            "jobs": timed,
+            "ratio": statistics.median(job["ratio"] for job in timed),
+            "cpu_ratio": statistics.median(job["cpu_ratio"] for job in timed),
+            "loop_seconds_per_step": sum(job["loop_s"] for job in timed) / sum(job["steps"] for job in timed),
+        }
+    return found
+
+
+# --- run -----------------------------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
+        cpu = names[0] if names else cpu
+    return {
+        "cpu": cpu or "unknown",
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "nevergrad": ng.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_1min_start": os.getloadavg()[0],
+    }
+
+
+def estimate_seconds(config: BenchConfig, models: BenchModels, targets: Tensor) -> float:
+    """From passes timed now; job steps as 1.2 (local) and 3 (remote) bare steps, nevergrad's bookkeeping as 0.3 ms
+    per evaluation (NOTES: 0.1 to 0.5 ms), 8 s to start the services and the worker and run the warm-up jobs."""
+    step = bare_per_step(config, models, targets, 3)[0]
+    population = AskedPopulation(config, models, "random_search", targets)
+    population.losses(slice(None))  # warm-up
+    start = time.perf_counter()
+    population.losses(slice(None))
+    batched = time.perf_counter() - start
+    start = time.perf_counter()
+    population.losses(slice(0, 1))
+    single = time.perf_counter() - start
+    gradient = sum(is_gradient_optimizer(name) for name in config.optimizers)
+    free = len(config.optimizers) - gradient
+    per_call = gradient * step + free * (batched + 3e-4 * len(population)) / config.population
+    table = len(config.cases) * sum(config.budgets) * per_call
+    jobs = config.rounds * (config.local_steps * 1.2 + config.remote_steps * 3) * step
+    bare = (2 * config.rounds + 1) * config.bare_steps * step
+    speedup = free * config.speedup_repeats * (len(population) * single + batched)
+    return table + jobs + bare + speedup + 8.0
+
+
+def run_benchmark(
+    config: BenchConfig,
+    settings: Settings,
+    *,
+    generator: str = "scenes-gen",
+    discriminator: str = "scenes-disc",
+    feature_extractor: str = "scenes-clf",
+    redis_url: str | None = None,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Everything `bench/results/inversion.json` holds."""
+    began = time.perf_counter()
+    info = machine()
+    models = load_models(ModelRegistry(settings.registry_paths), generator, discriminator, feature_extractor)
+    targets = {case: case_targets(case, models, config.targets) for case in config.cases}
+    first = targets[config.cases[0]]
+    log(f"estimated total: {estimate_seconds(config, models, first) / 60:.1f} min ({config.mode} run)")
+    log("table:")
+    table = run_table(config, models, targets, log)
+    log(f"population evaluation: ({time.perf_counter() - began:.0f} s so far)")
+    population = population_speedup(config, models, first)
+    log(f"job overhead: ({time.perf_counter() - began:.0f} s so far)")
+    overhead = measure_overhead(config, models, first, settings, redis_url, log)
+    info["load_average_1min_end"] = os.getloadavg()[0]
+    return {
+        "benchmark": "inversion",
+        "mode": config.mode,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": info,
+        "models": models.refs,
+        "settings": {
+            "criterion": CRITERION,
+            "weights": asdict(CRITERION_PRESETS[CRITERION]),
+            "budget_unit": BUDGET_UNIT,
+            "budget_unit_why": BUDGET_UNIT_WHY,
+            "budgets": list(config.budgets),
+            "targets_per_case": config.targets,
+            "population": config.population,
+            "restarts": 1,
+            "class_mode": models.class_mode,
+            "learning_rate": InversionConfig().learning_rate,
+            "seed": config.seed,
+            "reconstruction": f"G(z, class) with z ~ N(0, I) and uniform classes, torch seed {TARGET_SEED}",
+            "semi_specified": f"render_scenes(n, seed={DATA_SEED}) (a seed no model was trained or evaluated on)",
+            "misspecified": {"photographs": list(PHOTOS[: config.targets]), "resize": PHOTO_RESIZE},
+        },
+        "table": table,
+        "overhead_local": overhead["local"]["ratio"],
+        "overhead_remote": overhead["remote"]["ratio"],
+        "overhead": overhead,
+        "population_speedup": {name: row["single_s"] / row["batched_s"] for name, row in population.items()},
+        "population": population,
+        "elapsed_s": round(time.perf_counter() - began, 1),
+    }
+
+
+def format_report(results: dict[str, Any]) -> str:
+    """Table III's layout (cases x optimizers), one block per budget: criterion (PSNR dB), means over the targets."""
+    settings = results["settings"]
+    table = results["table"]
+    optimizers = list(next(iter(table.values())))
+    lines = [
+        f"Inversion of {results['models']['generator']}: criterion {settings['criterion']} (Table III's L2 + VGG), "
+        f"mean over {settings['targets_per_case']} targets per case, lower is better; PSNR in dB in parentheses.",
+        f"Budget unit: {settings['budget_unit_why']}.",
+    ]
+    for budget in (str(b) for b in settings["budgets"]):
+        lines += ["", f"budget {budget}".ljust(16) + "".join(f"{LABELS.get(n, n):>16}" for n in optimizers)]
+        for case, row in table.items():
+            cells = []
+            for name in optimizers:
+                entry = row[name][budget]
+                crit = "diverged" if entry["criterion"] is None else f"{entry['criterion']:.3f}"
+                cells.append(f"{crit} ({entry['psnr']:.1f})".rjust(16))
+            lines.append(case.ljust(16) + "".join(cells))
+    overhead = results["overhead"]
+    lines += [
+        "",
+        f"job overhead per step (job / bare forward-backward of {overhead['bare_seconds_per_step'] * 1e3:.1f} ms, "
+        f"batch {overhead['batch']}): local {results['overhead_local']:.2f}, remote {results['overhead_remote']:.2f}; "
+        f"in CPU time: local {overhead['local']['cpu_ratio']:.2f}, remote {overhead['remote']['cpu_ratio']:.2f}",
+        "batched population speedup (one at a time / one batch): "
+        + ", ".join(f"{LABELS.get(n, n)} {r:.2f}" for n, r in results["population_speedup"].items()),
+        f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, torch "
+        f"{results['machine']['torch']} with {results['machine']['torch_threads']} thread(s); {results['elapsed_s']} s",
+    ]
+    return "\n".join(lines)
+
+
+def write_results(results: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: one case, tiny budgets (under a minute)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--targets", type=int, default=0, help="targets per case (default: 4, quick 2)")
+    parser.add_argument("--redis-url", default=None, help="Redis of the jobs (default: a private redis-server)")
+    parser.add_argument("--output", type=Path, default=None, help="JSON path (default: bench/results/...)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    config = QUICK if args.quick else FULL
+    if args.targets:
+        config = replace(config, targets=args.targets)
+    output = args.output or RESULTS / ("inversion_quick.json" if args.quick else "inversion.json")
+    results = run_benchmark(config, Settings.from_env(), redis_url=args.redis_url, log=lambda s: print(s, flush=True))
+    print()
+    print(format_report(results))
+    write_results(results, output)
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

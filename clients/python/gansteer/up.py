@@ -1,0 +1,75 @@
+"""`gansteer up`: the local stack in the foreground until Ctrl-C, for trying gansteer on one machine.
+
+The server package is imported here, lazily, so the SDK keeps no dependency on it; without it the command says how
+to install it. Where jobs travel (a given Redis, a started `redis-server`, or the in-memory transport) is printed,
+because a job submitted to an in-memory stack lives only as long as this process.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import signal
+import sys
+import threading
+from typing import Any
+
+from gansteer.embedded import _INSTALL_HINT
+
+
+def run_up(*, redis_url: str, transport: str, any_port: bool, json_output: bool) -> int:
+    """Starts the stack, prints its addresses, waits for SIGINT or SIGTERM, stops everything; returns 0."""
+    try:
+        server = importlib.import_module("gansteer_server.embedded")
+    except ImportError as error:
+        if error.name is not None and not error.name.startswith("gansteer_server"):
+            raise
+        print(f"gansteer up: {_INSTALL_HINT}", file=sys.stderr)
+        return 1
+    stopping = threading.Event()
+    previous = {signum: signal.signal(signum, lambda *_: stopping.set()) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stack = server.start_stack(
+            redis_url=redis_url or None,
+            transport=transport,
+            free_ports=any_port,
+            key_prefix=None,
+        )
+    except OSError as error:  # a port in use, a redis-server that would not start
+        _restore(previous)
+        print(f"gansteer up: {error}", file=sys.stderr)
+        return 1
+    except BaseException:
+        _restore(previous)
+        raise
+    try:
+        addresses = {
+            "generation": stack.generation_address,
+            "scoring": stack.scoring_address,
+            "optimization": stack.optimization_address,
+        }
+        if json_output:
+            print(json.dumps({**addresses, "transport": stack.transport}), flush=True)
+        else:
+            print(f"gansteer up: {stack.transport}", flush=True)
+            for name, address in addresses.items():
+                print(f"  {name:13} {address}", flush=True)
+            if any_port:
+                print(
+                    f"  connect with: gansteer --target {stack.optimization_address} "
+                    f"--generation-target {stack.generation_address} --scoring-target {stack.scoring_address} ...",
+                    flush=True,
+                )
+            print("Ctrl-C stops everything.", flush=True)
+        while not stopping.wait(0.5):
+            pass
+        print("gansteer up: stopping", file=sys.stderr, flush=True)
+    finally:
+        stack.stop()
+        _restore(previous)
+    return 0
+
+
+def _restore(previous: dict[signal.Signals, Any]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)

@@ -1,0 +1,346 @@
+"""The optimization service: the jobs API (optimization.proto). It validates specs, records jobs, queues their tasks,
+streams their events, cancels them and serves their results. It never runs a model itself; it reads model cards
+to validate specs.
+
+Callers are told apart by API key: with auth on, a job belongs to the key that submitted it (the owner is a hash
+of the key, never the key), and every method sees only the caller's own jobs (another caller's job is NOT_FOUND).
+With auth off there is one owner, the empty one, and every job is visible.
+
+    gansteer-optimization           # the service, configured by GANSTEER_* (see gansteer_server.config)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import math
+import re
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+import torch
+from gansteer.tensors import from_tensor_proto
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gansteer_server.config import ConfigError, Settings
+from gansteer_server.jobs.celery_app import Jobs
+from gansteer_server.jobs.kinds import SubmitContext, get_kind, kind_names
+from gansteer_server.jobs.records import JobRecord, JobState
+from gansteer_server.jobs.settings import JobSettings
+from gansteer_server.models import ModelRegistry
+from gansteer_server.proto import common_pb2, optimization_pb2_grpc
+from gansteer_server.proto import optimization_pb2 as opt
+from gansteer_server.servers.auth import ApiKeyInterceptor
+from gansteer_server.servers.backends import ModelStore
+from gansteer_server.servers.convert import image_batch
+from gansteer_server.servers.errors import ErrorInterceptor, ServiceError, invalid_argument, not_found
+from gansteer_server.servers.metrics import ServiceMetrics
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZATION_SERVICE = opt.DESCRIPTOR.services_by_name["OptimizationService"].full_name
+#: Handler threads; every WatchJob stream holds one while it waits for events.
+GRPC_THREADS = 128
+DEFAULT_GRACE_S = 10.0
+MAX_PAGE_SIZE = 500
+_WATCH_POLL_MS = 1000
+_EVENT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+_JOB_ID = re.compile(r"[0-9a-f]{24}")
+_STATES = {state.proto: state for state in JobState}
+
+
+def caller(context: grpc.ServicerContext, settings: Settings) -> str:
+    """The owner of the calling API key: a short hash of it (the interceptor has checked it); "" with auth off."""
+    if not settings.auth_enabled:
+        return ""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            token = value if isinstance(value, str) else value.decode("latin-1")
+            digest = hashlib.sha256(token.split(None, 1)[-1].strip().encode()).hexdigest()
+            return f"key-{digest[:16]}"
+    raise ServiceError(grpc.StatusCode.UNAUTHENTICATED, "missing API key", "authorization")
+
+
+class OptimizationServicer(optimization_pb2_grpc.OptimizationServiceServicer):
+    """Validation and translation around `Jobs` (submission) and `JobStore` (records, events, results)."""
+
+    def __init__(self, jobs: Jobs, catalog: ModelStore) -> None:
+        self.jobs, self.store, self.settings = jobs, jobs.store, jobs.settings
+        self.context = SubmitContext(jobs.settings, catalog)
+
+    # --- helpers ----------------------------------------------------------------------------------------------
+
+    def _owner(self, context: grpc.ServicerContext) -> str:
+        return caller(context, self.settings.settings)
+
+    def _record(self, job_id: str, context: grpc.ServicerContext) -> tuple[JobRecord, str]:
+        """The caller's job and its newest event id; NOT_FOUND for unknown, expired or another caller's jobs."""
+        if not _JOB_ID.fullmatch(job_id):
+            raise invalid_argument("job_id", f"{job_id!r} is not a job id", "BAD_JOB_ID")
+        found = self.store.get_with_last_event([job_id])[0]
+        if found is None or found[0].owner != self._owner(context):
+            raise not_found("job_id", f"no job {job_id} (unknown, or its record expired)", "UNKNOWN_JOB")
+        return found
+
+    def _job(self, record: JobRecord, last_event_id: str, view: int) -> opt.Job:
+        job = record.to_proto(last_event_id)
+        if view == opt.JOB_VIEW_FULL:
+            stored = self.store.spec(record.id)
+            if stored is not None and stored[0]:
+                job.spec.ParseFromString(stored[0])
+        return job
+
+    # --- the API ----------------------------------------------------------------------------------------------
+
+    def SubmitJob(self, request: opt.SubmitJobRequest, context: grpc.ServicerContext) -> opt.SubmitJobResponse:
+        spec, limits = request.spec, self.settings
+        owner = self._owner(context)
+        if spec.idempotency_key:
+            if len(spec.idempotency_key) > 256:
+                raise invalid_argument("spec.idempotency_key", "at most 256 characters")
+            earlier = self.store.find_idempotent(owner, spec.idempotency_key)
+            if earlier is not None:
+                return opt.SubmitJobResponse(job_id=earlier.id, existing=True, job=earlier.to_proto())
+        kind_name = spec.WhichOneof("kind")
+        if kind_name is None:
+            raise invalid_argument("spec.kind", "set one job kind (e.g. `inversion`)", "MISSING_KIND")
+        if kind_name not in kind_names():
+            raise ServiceError(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"job kind {kind_name!r} is not available on this server (available: {', '.join(kind_names())})",
+                f"spec.{kind_name}",
+                "UNKNOWN_KIND",
+            )
+        if not 0 <= spec.priority <= 9:
+            raise invalid_argument("spec.priority", f"must be 0 to 9, got {spec.priority}")
+        if not (math.isfinite(spec.time_limit_s) and 0 <= spec.time_limit_s <= limits.max_time_limit_s):
+            limit = limits.max_time_limit_s
+            message = f"must be 0 (the server's limit) to {limit:g} seconds, got {spec.time_limit_s}"
+            raise invalid_argument("spec.time_limit_s", message)
+        if spec.preview_every < 0:
+            raise invalid_argument("spec.preview_every", f"must be 0 (none) or positive, got {spec.preview_every}")
+        if len(spec.labels) > limits.max_labels:
+            raise invalid_argument("spec.labels", f"at most {limits.max_labels} labels, got {len(spec.labels)}")
+        for key, value in spec.labels.items():
+            if not key or len(key) > limits.max_label_chars or len(value) > limits.max_label_chars:
+                message = f"keys need 1 to {limits.max_label_chars} characters, values at most as many"
+                raise invalid_argument(f"spec.labels[{key!r}]", message)
+        kind = get_kind(kind_name)
+        parsed = kind.parse(getattr(spec, kind_name), self.context)
+        record, existing = self.jobs.submit(
+            kind,
+            parsed,
+            owner=owner,
+            spec_proto=spec.SerializeToString(),
+            priority=spec.priority,
+            time_limit_s=spec.time_limit_s,
+            preview_every=spec.preview_every,
+            labels=dict(spec.labels),
+            idempotency_key=spec.idempotency_key,
+        )
+        logger.info("job %s (%s) queued", record.id, kind_name, extra={"job_id": record.id, "kind": kind_name})
+        return opt.SubmitJobResponse(job_id=record.id, existing=existing, job=record.to_proto())
+
+    def GetJob(self, request: opt.GetJobRequest, context: grpc.ServicerContext) -> opt.GetJobResponse:
+        record, last_event = self._record(request.job_id, context)
+        view = request.view or opt.JOB_VIEW_FULL
+        return opt.GetJobResponse(job=self._job(record, last_event, view))
+
+    def WatchJob(self, request: opt.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[opt.JobEvent]:
+        self._record(request.job_id, context)
+        after = request.after_event_id or "0"
+        if after != "0" and not _EVENT_ID.fullmatch(after):
+            raise invalid_argument("after_event_id", f"{after!r} is not an event id like `1718000000000-0`")
+        while context.is_active():
+            events = self.store.read_events(request.job_id, after, block_ms=_WATCH_POLL_MS)
+            if not events:
+                record = self.store.get(request.job_id)
+                if record is None or record.state.terminal:
+                    return  # the final event was sent before `after`, or the job expired meanwhile
+                continue
+            for event_id, event in events:
+                after = event_id
+                if request.skip_previews and event.HasField("preview"):
+                    continue
+                yield event
+                if event.HasField("state_change") and _STATES[event.state_change.state].terminal:
+                    return
+
+    def CancelJob(self, request: opt.CancelJobRequest, context: grpc.ServicerContext) -> opt.CancelJobResponse:
+        self._record(request.job_id, context)
+        if len(request.reason) > 1000:
+            raise invalid_argument("reason", "at most 1000 characters")
+        self.store.request_cancel(request.job_id, request.reason)
+        record, last_event = self._record(request.job_id, context)
+        return opt.CancelJobResponse(job=record.to_proto(last_event))
+
+    def ListJobs(self, request: opt.ListJobsRequest, context: grpc.ServicerContext) -> opt.ListJobsResponse:
+        owner = self._owner(context)
+        size = request.page_size or 50
+        if not 0 < size <= MAX_PAGE_SIZE:
+            raise invalid_argument("page_size", f"must be 0 (50) to {MAX_PAGE_SIZE}, got {request.page_size}")
+        token = request.page_token
+        if token and not _JOB_ID.fullmatch(token):
+            raise invalid_argument("page_token", "not a token this server gave", "BAD_PAGE_TOKEN")
+        states = {_STATES[s] for s in request.states if s in _STATES}
+        view = request.view or opt.JOB_VIEW_BASIC
+        index_owner = owner if self.settings.settings.auth_enabled else None
+        jobs: list[opt.Job] = []
+        while len(jobs) < size:
+            ids = self.store.list_ids(index_owner, token, limit=size * 2)
+            if not ids:
+                token = ""
+                break
+            found = self.store.get_with_last_event(ids)
+            self.store.forget(owner, [job_id for job_id, item in zip(ids, found, strict=True) if item is None])
+            for job_id, item in zip(ids, found, strict=True):
+                token = job_id
+                if item is None or not self._matches(item[0], request, states):
+                    continue
+                jobs.append(self._job(item[0], item[1], view))
+                if len(jobs) == size:
+                    break
+        return opt.ListJobsResponse(jobs=jobs, next_page_token=token if len(jobs) == size else "")
+
+    @staticmethod
+    def _matches(record: JobRecord, request: opt.ListJobsRequest, states: set[JobState]) -> bool:
+        return (
+            (not states or record.state in states)
+            and (not request.kind or record.kind == request.kind)
+            and all(record.labels.get(k) == v for k, v in request.labels.items())
+        )
+
+    def GetResult(self, request: opt.GetResultRequest, context: grpc.ServicerContext) -> opt.GetResultResponse:
+        record, _ = self._record(request.job_id, context)
+        data = self.store.result(record.id)
+        if data is None:
+            if record.state is JobState.SUCCEEDED:
+                raise not_found("job_id", f"the result of job {record.id} has expired", "RESULT_EXPIRED")
+            detail = f": {record.error}" if record.error else ""
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"job {record.id} is {record.state.value} and has no result{detail}",
+                "job_id",
+                "NO_RESULT",
+            )
+        result = opt.JobResult.FromString(data)
+        if request.image_format != common_pb2.IMAGE_FORMAT_TENSOR and result.images.HasField("tensor"):
+            images = torch.from_numpy(from_tensor_proto(result.images.tensor, copy=True))
+            result.images.CopyFrom(image_batch(images, as_png=True))
+        return opt.GetResultResponse(result=result)
+
+    def SubmitFeedback(
+        self, request: opt.SubmitFeedbackRequest, context: grpc.ServicerContext
+    ) -> opt.SubmitFeedbackResponse:
+        record, _ = self._record(request.job_id, context)
+        raise ServiceError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"job {record.id} ({record.kind}) is not waiting for feedback",
+            "job_id",
+            "NOT_WAITING",
+        )
+
+
+@dataclass
+class RunningOptimizationService:
+    """A started optimization service. `stop()` ends watch streams and in-flight calls within the grace period."""
+
+    server: grpc.Server
+    port: int
+    host: str
+    jobs: Jobs
+    metrics: ServiceMetrics
+    metrics_port: int
+    health: health.HealthServicer
+
+    @property
+    def address(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    def stop(self, grace: float | None = DEFAULT_GRACE_S) -> None:
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.metrics.close()
+
+
+def start_optimization_server(
+    settings: Settings | JobSettings,
+    port: int | None = None,
+    *,
+    registry: ModelRegistry | None = None,
+    metrics_port: int | None = None,
+) -> RunningOptimizationService:
+    """The optimization service on `port` (default: settings.optimization_port; 0: any free port)."""
+    job_settings = settings if isinstance(settings, JobSettings) else JobSettings.create(settings)
+    base = job_settings.settings
+    metrics = ServiceMetrics("optimization")
+    interceptors: list[grpc.ServerInterceptor] = [ErrorInterceptor(metrics.observe_call)]
+    if base.auth_enabled:
+        interceptors.append(ApiKeyInterceptor(base.api_keys))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=GRPC_THREADS, thread_name_prefix="grpc-optimization"),
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_send_message_length", base.max_message_bytes),
+            ("grpc.max_receive_message_length", base.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    jobs = Jobs(job_settings)
+    catalog = ModelStore(registry or ModelRegistry(base.registry_paths))
+    optimization_pb2_grpc.add_OptimizationServiceServicer_to_server(OptimizationServicer(jobs, catalog), server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (OPTIMIZATION_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    host, port = base.host, base.optimization_port if port is None else port
+    bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"the optimization service could not bind {host}:{port}")
+    server.start()
+    for served in ("", OPTIMIZATION_SERVICE):
+        health_servicer.set(served, health_pb2.HealthCheckResponse.SERVING)
+    bound_metrics = metrics.serve(base.optimization_metrics_port if metrics_port is None else metrics_port, host)
+    logger.info(
+        "optimization service on %s:%d (auth %s, broker %s)",
+        host,
+        bound,
+        "on" if base.auth_enabled else "off",
+        job_settings.broker.split("@")[-1],
+        extra={"service": "optimization", "port": bound, "metrics_port": bound_metrics},
+    )
+    return RunningOptimizationService(server, bound, host, jobs, metrics, bound_metrics, health_servicer)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`gansteer-optimization`: the optimization service, until SIGTERM or SIGINT."""
+    from gansteer_server.servers.main import configure_logging
+
+    parser = argparse.ArgumentParser(
+        prog="gansteer-optimization", description="Run gansteer's optimization service (the jobs API)."
+    )
+    parser.add_argument("--grace", type=float, default=DEFAULT_GRACE_S, help="seconds to finish in-flight calls")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as error:
+        print(f"gansteer-optimization: {error}", file=sys.stderr)
+        sys.exit(2)
+    configure_logging(settings.log_level)
+    running = start_optimization_server(settings)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.wait(3600):
+        pass
+    running.stop(args.grace)

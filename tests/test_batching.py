@@ -1,0 +1,242 @@
+"""Dynamic batching: concurrent requests merge into one forward pass with the results they would get alone; a full
+queue refuses at once; cancelled and expired calls never run; stopping finishes what is queued."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from gansteer.tensors import from_tensor_proto
+from gansteer.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from gansteer_server.models import ModelRegistry
+from gansteer_server.servers.batching import DynamicBatcher
+from gansteer_server.servers.errors import ServiceError
+from gansteer_server.servers.metrics import ServiceMetrics
+from service_fixtures import GEN, LATENT, float_tensor, make_settings, running, shared_tiny_registry, status_of
+from torch import Tensor
+
+pytestmark = pytest.mark.service
+
+
+@pytest.fixture(scope="session")
+def tiny_registry(tmp_path_factory: pytest.TempPathFactory) -> ModelRegistry:
+    return shared_tiny_registry(tmp_path_factory)
+
+
+class Recorder:
+    """A batch function that doubles its input and records each batch's size; `gate` holds it until set."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def __call__(self, key: Hashable, inputs: Sequence[Tensor]) -> list[Tensor]:
+        self.entered.set()
+        self.gate.wait(10)
+        self.sizes.append(int(inputs[0].shape[0]))
+        return [inputs[0] * 2, torch.is_inference_mode_enabled() * torch.ones(inputs[0].shape[0])]
+
+
+class FakeContext:
+    """The parts of grpc.ServicerContext the batcher uses: a deadline and termination callbacks."""
+
+    def __init__(self, seconds: float = 60.0) -> None:
+        self.deadline = time.monotonic() + seconds
+        self.callbacks: list[Callable[[], None]] = []
+
+    def time_remaining(self) -> float:
+        return max(self.deadline - time.monotonic(), 0.0)
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        self.callbacks.append(callback)
+        return True
+
+    def cancel(self) -> None:
+        for callback in self.callbacks:
+            callback()
+
+
+def batcher(run: Recorder, **kwargs: float) -> DynamicBatcher:
+    settings = {"max_batch": 8, "max_delay_s": 0.2, "max_queue": 64, **kwargs}
+    return DynamicBatcher("test", run, metrics=ServiceMetrics("test"), **settings)  # type: ignore[arg-type]
+
+
+def test_concurrent_requests_merge_and_split_back() -> None:
+    run = Recorder()
+    merger = batcher(run)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: merger.call("k", [torch.full((1, 2), float(i))]), range(8)))
+    merger.close()
+    assert run.sizes == [8]  # the eighth image filled the batch before the delay ran out
+    for i, (doubled, inference) in enumerate(results):
+        assert doubled.tolist() == [[2.0 * i, 2.0 * i]]
+        assert inference.item() == 1.0  # forward-only runs under torch.inference_mode()
+
+
+def test_different_keys_and_gradient_requests_do_not_merge() -> None:
+    run = Recorder()
+    merger = batcher(run, max_delay_s=0.05)
+    with ThreadPoolExecutor(4) as pool:
+        calls = [
+            pool.submit(merger.call, "a", [torch.ones(1, 1)]),
+            pool.submit(merger.call, "b", [torch.ones(2, 1)]),
+            pool.submit(merger.call, "a", [torch.ones(1, 1)], grad=True),
+        ]
+        grad_flags = [c.result()[1] for c in calls]
+    merger.close()
+    assert sorted(run.sizes) == [1, 1, 2]
+    assert grad_flags[2].item() == 0.0  # gradient requests run outside inference mode
+
+
+def test_a_request_larger_than_max_batch_runs_in_slices() -> None:
+    run = Recorder()
+    merger = batcher(run, max_batch=4, max_delay_s=0.0)
+    (doubled, _) = merger.call("k", [torch.arange(10.0).view(10, 1)])
+    merger.close()
+    assert run.sizes == [4, 4, 2]
+    assert doubled.view(-1).tolist() == [2.0 * i for i in range(10)]
+
+
+def test_a_full_queue_refuses_with_resource_exhausted() -> None:
+    run = Recorder()
+    run.gate.clear()
+    merger = batcher(run, max_queue=4, max_delay_s=0.0, max_batch=2)
+    with ThreadPoolExecutor(4) as pool:
+        running_call = pool.submit(merger.call, "k", [torch.ones(2, 1)])
+        assert run.entered.wait(5)  # taken by the worker, held at the gate
+        queued = pool.submit(merger.call, "k", [torch.ones(4, 1)])  # fills the queue
+        while merger.queued_images < 4:
+            time.sleep(0.001)
+        with pytest.raises(ServiceError) as refused:
+            merger.call("k", [torch.ones(1, 1)])
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and refused.value.reason == "QUEUE_FULL"
+        run.gate.set()
+        assert running_call.result()[0].shape == (2, 1) and queued.result()[0].shape == (4, 1)
+    merger.close()
+
+
+def test_cancelled_and_expired_requests_never_run() -> None:
+    run = Recorder()
+    merger = batcher(run, max_delay_s=0.3, max_batch=64)
+    metrics = merger._metrics
+    assert metrics is not None
+    cancelled, expired = FakeContext(), FakeContext(seconds=0.05)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(merger.call, "k", [torch.ones(3, 1)], cancelled)
+        second = pool.submit(merger.call, "k", [torch.ones(5, 1)], expired)
+        while merger.queued_images < 8:
+            time.sleep(0.001)
+        cancelled.cancel()
+        with pytest.raises(ServiceError) as stopped:
+            first.result()
+        assert stopped.value.code == grpc.StatusCode.CANCELLED
+        with pytest.raises(ServiceError) as late:
+            second.result()
+        assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    merger.close()
+    assert run.sizes == []
+    assert metrics.value("gansteer_dropped_requests_total", model="test", reason="cancelled") == 1
+    assert metrics.value("gansteer_dropped_requests_total", model="test", reason="deadline") == 1
+
+
+def test_closing_runs_what_is_queued_then_refuses() -> None:
+    run = Recorder()
+    merger = batcher(run, max_delay_s=10.0)
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(merger.call, "k", [torch.ones(1, 1)])
+        while merger.queued_images < 1:
+            time.sleep(0.001)
+        started = time.monotonic()
+        merger.close()
+        assert waiting.result()[0].item() == 2.0 and time.monotonic() - started < 5
+    with pytest.raises(ServiceError) as refused:
+        merger.call("k", [torch.ones(1, 1)])
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+# --- through gRPC ---------------------------------------------------------------------------------------------------
+
+
+def generate(stub: generation_pb2_grpc.GenerationServiceStub, z: Tensor, **kwargs: float) -> np.ndarray:
+    request = generation_pb2.GenerateRequest(
+        model=common_pb2.ModelRef(name=GEN),
+        latents=float_tensor(z),
+        condition=common_pb2.ClassCondition(class_ids=common_pb2.ClassIds(ids=[3])),
+        format=common_pb2.IMAGE_FORMAT_TENSOR,
+    )
+    return from_tensor_proto(stub.Generate(request, **kwargs).images.tensor)
+
+
+def test_concurrent_clients_share_batches_with_unbatched_results(tiny_registry: ModelRegistry) -> None:
+    latents = torch.randn(12, LATENT, generator=torch.Generator().manual_seed(0))
+    with running("generation", make_settings(tiny_registry, max_batch=12, max_delay_ms=300)) as (server, channel):
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        with ThreadPoolExecutor(12) as pool:
+            batched = list(pool.map(lambda i: generate(stub, latents[i : i + 1]), range(12)))
+        metrics = server.metrics
+        batches = metrics.value("gansteer_batch_requests_count", model=f"{GEN}@1")
+        requests = metrics.value("gansteer_batch_requests_sum", model=f"{GEN}@1")
+    assert requests == 12 and batches < 12  # merged: fewer forward passes than requests
+    with running("generation", make_settings(tiny_registry, max_batch=1)) as (server, channel):
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        alone = [generate(stub, latents[i : i + 1]) for i in range(12)]
+        assert server.metrics.value("gansteer_batch_images_sum", model=f"{GEN}@1") == 12
+    np.testing.assert_allclose(np.concatenate(batched), np.concatenate(alone), atol=1e-5)
+
+
+def test_a_full_queue_answers_resource_exhausted_over_grpc(tiny_registry: ModelRegistry) -> None:
+    settings = make_settings(tiny_registry, max_queue=4, max_batch=64, max_delay_ms=400)
+    with running("generation", settings) as (server, channel):
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        generate(stub, torch.zeros(1, LATENT))  # load the model first
+        with ThreadPoolExecutor(1) as pool:
+            filling = pool.submit(generate, stub, torch.zeros(4, LATENT))
+            while server.metrics.value("gansteer_queue_images", model=f"{GEN}@1") < 4:
+                time.sleep(0.001)
+            code, details = status_of(lambda: generate(stub, torch.zeros(1, LATENT)))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry later" in details
+            assert filling.result().shape == (4, 3, 32, 32)
+
+
+def test_an_expired_deadline_does_not_run_the_work(tiny_registry: ModelRegistry) -> None:
+    settings = make_settings(tiny_registry, max_delay_ms=400)
+    with running("generation", settings) as (server, channel):
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        generate(stub, torch.zeros(1, LATENT))  # load the model: one batch
+        metrics, model = server.metrics, f"{GEN}@1"
+        code, _ = status_of(lambda: generate(stub, torch.zeros(2, LATENT), timeout=0.1))
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 5
+        while (
+            sum(
+                metrics.value("gansteer_dropped_requests_total", model=model, reason=r)
+                for r in ("cancelled", "deadline")
+            )
+            < 1
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.5)  # past the batching delay: had the request stayed queued, it would have run by now
+        assert metrics.value("gansteer_batch_images_sum", model=model) == 1
+        assert metrics.value("gansteer_queue_images", model=model) == 0
+
+
+def test_stopping_the_server_finishes_in_flight_batches(tiny_registry: ModelRegistry) -> None:
+    settings = make_settings(tiny_registry, max_delay_ms=300)
+    with running("generation", settings) as (server, channel):
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        generate(stub, torch.zeros(1, LATENT))
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(generate, stub, torch.zeros(3, LATENT))
+            while server.metrics.value("gansteer_queue_images", model=f"{GEN}@1") < 3:
+                time.sleep(0.001)
+            server.stop(grace=10)
+            assert in_flight.result().shape == (3, 3, 32, 32)

@@ -1,0 +1,160 @@
+"""The `gansteer` command as scripts use it: real subprocesses, `--json` on stdout, and the documented exit codes.
+
+`gansteer up` itself is under test: it runs as a subprocess that starts its own `redis-server` on a free port (so no
+key of the shared Redis is touched), and every other command talks to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from gansteer import tensors
+from PIL import Image
+
+pytestmark = [pytest.mark.service, pytest.mark.job, pytest.mark.slow]
+
+GANSTEER = [sys.executable, "-m", "gansteer.cli"]
+ENV = {**os.environ, "GANSTEER_TORCH_THREADS": "1", "GANSTEER_LOG_LEVEL": "WARNING"}
+
+
+def gansteer(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*GANSTEER, *args], capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def read_line(process: subprocess.Popen[str], timeout: float) -> str:
+    assert process.stdout is not None
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    if not selector.select(timeout):
+        raise TimeoutError(f"no output within {timeout} s")
+    return process.stdout.readline()
+
+
+@pytest.fixture(scope="module")
+def up() -> Iterator[dict[str, Any]]:
+    """`gansteer up --any-port --json` in the background; yields its addresses; Ctrl-C at the end must stop it."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("needs redis-server on the PATH")
+    process = subprocess.Popen(
+        [*GANSTEER, "up", "--any-port", "--json", "--transport", "redis-server"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    try:
+        stack = json.loads(read_line(process, 90))
+        stack["args"] = [
+            f"--target={stack['optimization']}",
+            f"--generation-target={stack['generation']}",
+            f"--scoring-target={stack['scoring']}",
+        ]
+        yield stack
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_usage_errors_exit_2() -> None:
+    assert gansteer("--help").returncode == 0
+    assert gansteer().returncode == 2
+    assert gansteer("invert").returncode == 2
+    assert gansteer("jobs", "frobnicate").returncode == 2
+
+
+def test_unreachable_service_exits_5() -> None:
+    done = gansteer("--target=127.0.0.1:1", "--generation-target=127.0.0.1:1", "--timeout=2", "models", "--json")
+    assert done.returncode == 5
+    assert json.loads(done.stdout)["error"]["type"] == "Unavailable"
+
+
+def test_up_models_generate(up: dict[str, Any], tmp_path: Path) -> None:
+    assert "redis-server" in up["transport"]
+    listed = gansteer(*up["args"], "models", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert "scenes-gen" in {m["name"] for m in json.loads(listed.stdout)}
+    made = gansteer(*up["args"], "generate", "scenes-gen", "-n", "2", "--out", str(tmp_path), "--json")
+    assert made.returncode == 0, made.stderr
+    document = json.loads(made.stdout)
+    assert len(document["images"]) == 2 and all(Path(p).is_file() for p in document["images"])
+    assert Path(document["grid"]).is_file()
+
+
+def test_invert_then_jobs_commands(up: dict[str, Any], tmp_path: Path) -> None:
+    target = tmp_path / "target.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(target)
+    out = tmp_path / "out"
+    inverted = gansteer(
+        *up["args"],
+        "invert",
+        str(target),
+        "--discriminator",
+        "scenes-disc",
+        "--budget",
+        "8",
+        "--out",
+        str(out),
+        "--json",
+    )
+    assert inverted.returncode == 0, inverted.stderr
+    document = json.loads(inverted.stdout)
+    job_id = document["job_id"]
+    assert Path(document["files"]["grid"]).is_file() and (out / "result_0.png").is_file()
+    assert document["items"][0]["psnr"] > 0
+
+    listed = gansteer(*up["args"], "jobs", "list", "--json")
+    assert job_id in [job["id"] for job in json.loads(listed.stdout)]
+    watched = gansteer(*up["args"], "jobs", "watch", job_id, "--json")
+    lines = [json.loads(line) for line in watched.stdout.splitlines()]
+    assert watched.returncode == 0 and lines[-1]["state"] == "succeeded"
+    fetched = gansteer(*up["args"], "jobs", "result", job_id, "--out", str(tmp_path / "again"), "--json")
+    assert fetched.returncode == 0, fetched.stderr
+    assert (tmp_path / "again" / "target_0.png").is_file()  # the targets come back from the job's spec
+
+
+def test_refusals_map_to_exit_codes(up: dict[str, Any], tmp_path: Path) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(tensors.png_encode(np.zeros((8, 8, 3), np.uint8))[:30])
+    refused = gansteer(*up["args"], "invert", str(broken), "--criterion", "l2", "--json")
+    assert refused.returncode == 3
+    error = json.loads(refused.stdout)["error"]
+    assert error["type"] == "InvalidArgument" and error["details"][0]["field"].startswith("spec.inversion.targets[0]")
+    assert gansteer(*up["args"], "invert", str(tmp_path / "missing.png")).returncode == 3
+    assert gansteer(*up["args"], "jobs", "result", "0" * 24).returncode == 4
+    assert gansteer(*up["args"], "generate", "no-such-model", "--out", str(tmp_path)).returncode == 4
+
+
+def test_interrupt_and_cancel(up: dict[str, Any], tmp_path: Path) -> None:
+    target = tmp_path / "target.png"
+    Image.new("RGB", (32, 32), "navy").save(target)
+    submitted = gansteer(
+        *up["args"], "invert", str(target), "--criterion", "l2", "--budget", "50000", "--no-wait", "--json"
+    )
+    job_id = json.loads(submitted.stdout)["job_id"]
+    watcher = subprocess.Popen(
+        [*GANSTEER, *up["args"], "jobs", "watch", job_id, "--json"], stdout=subprocess.PIPE, text=True, env=ENV
+    )
+    read_line(watcher, 60)  # the stream has started
+    watcher.send_signal(signal.SIGINT)
+    assert watcher.wait(30) == 130
+    cancelled = gansteer(*up["args"], "jobs", "cancel", job_id, "--json")
+    assert cancelled.returncode == 0 and json.loads(cancelled.stdout)["cancel_requested"]
+    started = time.monotonic()
+    final = gansteer(*up["args"], "jobs", "watch", job_id, "--json")
+    assert final.returncode == 6 and json.loads(final.stdout.splitlines()[-1])["state"] == "cancelled"
+    assert time.monotonic() - started < 30
