@@ -1,7 +1,7 @@
 """Serving benchmark (issue 4, item 7): what the gRPC services cost and what dynamic batching buys, measured side by
 side in one run on the built-in generator and classifier.
 
-    python bench/serving.py                 # about 3 minutes on 2 cores
+    python bench/serving.py                 # about 4 minutes on 2 cores
     python bench/serving.py --threads 2     # torch intra-op threads of the servers and of the in-process runs
 
 Writes `bench/results/serving.json` and prints a table. How each figure is made:
@@ -18,8 +18,9 @@ Writes `bench/results/serving.json` and prints a table. How each figure is made:
 - onnx_over_torch: forward throughput of the ONNX Runtime export over the torch module, in this process, same
   intra-op thread count, at batch 1 and 64.
 
-Configurations are measured in interleaved rounds (A, B, A, B, ...) and the median kept, so slow drift in machine
-load (other processes share these cores) hits every configuration alike. The load average is recorded.
+Configurations are measured in interleaved rounds (A, B, A, B, ..., the order rotating from round to round) and the
+median kept, so drift in machine load (other processes share these cores) hits every configuration alike. The load
+average is recorded, and the spread of the rounds (min and max) is kept beside each median in `detail`.
 """
 
 from __future__ import annotations
@@ -161,6 +162,10 @@ def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
     return {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
 
 
+def spread_of(rounds: list[dict[str, float]]) -> dict[str, list[float]]:
+    return {key: [min(r[key] for r in rounds), max(r[key] for r in rounds)] for key in rounds[0]}
+
+
 def machine(threads: int) -> dict[str, Any]:
     cpu = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")
@@ -213,29 +218,37 @@ class Models:
     def latent(self) -> int:
         return int(self.generator.z_size)
 
-    def rates(self, batch: int, generation: dict[str, str], scoring: str, seconds: float) -> dict[str, float]:
-        """Images per second at `batch`: in process (torch, ONNX) and through each service."""
+    def rates(
+        self, batch: int, generation: dict[str, str], scoring: str, seconds: float, rotate: int = 0
+    ) -> dict[str, float]:
+        """Images per second at `batch`: in process (torch, ONNX) and through each service. The order of the
+        measurements rotates with `rotate`, so none always runs right after the same neighbour."""
         z = torch.randn(batch, self.latent)
         ids = torch.randint(0, 10, (batch,))
         embedding = self.generator.embedding.weight[ids].detach()
         images = torch.rand(batch, 3, 32, 32) * 2 - 1
         name, latent = self.generator_name, self.latent
-        return {
-            "gen_local": local_rate(lambda: self.generator(z, ids), seconds),
-            "gen_grpc": grpc_generation_rate(generation["no_delay"], name, batch, latent, seconds),
-            "gen_grpc_default_delay": grpc_generation_rate(generation["default_delay"], name, batch, latent, seconds),
-            "gen_onnx": local_rate(lambda: self.generator_onnx(z, embedding), seconds),
-            "clf_local": local_rate(lambda: self.classifier(images), seconds),
-            "clf_grpc": grpc_score_rate(scoring, self.classifier_name, images, seconds),
-            "clf_onnx": local_rate(lambda: self.classifier_onnx(images), seconds),
-        }
+        measurements: list[tuple[str, Callable[[], float]]] = [
+            ("gen_local", lambda: local_rate(lambda: self.generator(z, ids), seconds)),
+            ("gen_grpc", lambda: grpc_generation_rate(generation["no_delay"], name, batch, latent, seconds)),
+            (
+                "gen_grpc_default_delay",
+                lambda: grpc_generation_rate(generation["default_delay"], name, batch, latent, seconds),
+            ),
+            ("gen_onnx", lambda: local_rate(lambda: self.generator_onnx(z, embedding), seconds)),
+            ("clf_local", lambda: local_rate(lambda: self.classifier(images), seconds)),
+            ("clf_grpc", lambda: grpc_score_rate(scoring, self.classifier_name, images, seconds)),
+            ("clf_onnx", lambda: local_rate(lambda: self.classifier_onnx(images), seconds)),
+        ]
+        shift = rotate % len(measurements)
+        return {key: measure() for key, measure in measurements[shift:] + measurements[:shift]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1, help="torch (and ONNX Runtime) intra-op threads")
-    parser.add_argument("--seconds", type=float, default=2.0, help="length of one throughput measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of each measurement")
+    parser.add_argument("--seconds", type=float, default=1.0, help="length of one throughput measurement")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved repetitions of each measurement")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--generator", default="scenes-gen")
     parser.add_argument("--classifier", default="scenes-clf")
@@ -252,13 +265,20 @@ def main() -> None:
         scoring = stack.enter_context(service("scoring", args.threads, max_delay_ms="0"))
         throughput: dict[str, list[dict[str, float]]] = {}
         clients: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
-        for round_index in range(args.rounds):
-            print(f"round {round_index + 1}/{args.rounds}", flush=True)
+        for round_index in range(args.rounds + 1):  # round 0 warms every path up (models load) and is dropped
+            print(f"round {round_index}/{args.rounds}" + (" (warm-up)" if round_index == 0 else ""), flush=True)
+            seconds = args.seconds if round_index else args.seconds / 4
             for batch in BATCHES:
-                throughput.setdefault(str(batch), []).append(models.rates(batch, gen, scoring, args.seconds))
-            for mode, address in (("on", gen["default_delay"]), ("off", gen["batching_off"])):
-                measured = concurrent_clients(address, args.generator, models.latent, args.clients, 2 * args.seconds)
-                clients[mode].append(asyncio.run(measured))
+                measured_rates = models.rates(batch, gen, scoring, seconds, rotate=round_index)
+                if round_index:
+                    throughput.setdefault(str(batch), []).append(measured_rates)
+            modes = [("on", gen["default_delay"]), ("off", gen["batching_off"])]
+            for mode, address in modes if round_index % 2 else modes[::-1]:
+                outcome = asyncio.run(
+                    concurrent_clients(address, args.generator, models.latent, args.clients, 2 * seconds)
+                )
+                if round_index:
+                    clients[mode].append(outcome)
 
     by_batch = {batch: median_of(rounds) for batch, rounds in throughput.items()}
     on, off = median_of(clients["on"]), median_of(clients["off"])
@@ -282,6 +302,8 @@ def main() -> None:
         },
         "detail": {
             "images_per_s_by_batch": by_batch,
+            "images_per_s_spread_by_batch": {batch: spread_of(rounds) for batch, rounds in throughput.items()},
+            "clients_spread": {mode: spread_of(rounds) for mode, rounds in clients.items()},
             "clients_batching_on": on,
             "clients_batching_off": off,
             "rounds": args.rounds,

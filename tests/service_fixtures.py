@@ -38,6 +38,7 @@ DISC_KWARGS = {"num_classes": CLASSES, "widths": [8, 8, 8, 8], "spectral_norm": 
 CLF_KWARGS = {"num_classes": CLASSES, "widths": [4, 8, 8], "feature_size": 8}
 IMAGES = {"resolution": RESOLUTION, "channels": 3, "value_range": [-1.0, 1.0]}
 CLASS_NAMES = [f"class{i}" for i in range(CLASSES)]
+PRIOR_MEAN, PRIOR_STD = 2.0, 0.5  # tiny-uncond's Gaussian latent prior: N(2, 0.25 I)
 
 
 class _GeneratorForOnnx(nn.Module):
@@ -83,7 +84,7 @@ def _export_onnx(module: nn.Module, inputs: tuple[torch.Tensor, ...], names: lis
 
 def build_tiny_registry(root: Path) -> ModelRegistry:
     """Register tiny-gen (with ONNX), tiny-disc, tiny-clf and tiny-clf-b (the same classifier under a second
-    name; with ONNX) and tiny-uncond (TorchScript) under root."""
+    name; with ONNX) and tiny-uncond (TorchScript, values in [0, 1], a Gaussian latent prior) under root."""
     torch.manual_seed(0)
     seed = torch.Generator().manual_seed(0)
     registry = ModelRegistry([root / "registry"])
@@ -141,6 +142,7 @@ def build_tiny_registry(root: Path) -> ModelRegistry:
         _register_classifier(registry, name, work)
     traced = torch.jit.trace(_Unconditional().eval(), torch.randn(2, LATENT))
     traced.save(str(work / "uncond.pt"))
+    save_file({"mean": torch.full((LATENT,), PRIOR_MEAN), "covariance": torch.eye(LATENT) * PRIOR_STD**2}, str(work / "prior.safetensors"))
     registry.register(
         UNCOND,
         {
@@ -148,11 +150,12 @@ def build_tiny_registry(root: Path) -> ModelRegistry:
             "format": "torchscript",
             "weights": "model.pt",
             "latent_size": LATENT,
+            "latent_prior": {"type": "gaussian", "mean_cov": "prior.safetensors"},
             "resolution": 8,
             "channels": 3,
             "value_range": [0.0, 1.0],
         },
-        {"model.pt": work / "uncond.pt"},
+        {"model.pt": work / "uncond.pt", "prior.safetensors": work / "prior.safetensors"},
     )
     return registry
 

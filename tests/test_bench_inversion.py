@@ -48,6 +48,7 @@ def register(registry: ModelRegistry, name: str, module: nn.Module, card: dict[s
 
 
 def tiny_settings(root: Path) -> Settings:
+    """A fresh registry of tiny random-weight models of the built-in architectures, and settings that use it."""
     torch.manual_seed(0)
     registry = ModelRegistry([root])
     register(

@@ -28,6 +28,8 @@ from service_fixtures import (
     EMBEDDING,
     GEN,
     LATENT,
+    PRIOR_MEAN,
+    PRIOR_STD,
     UNCOND,
     float_tensor,
     make_settings,
@@ -159,6 +161,17 @@ def test_unconditional_generator_maps_its_value_range_to_the_wire(
     with torch.no_grad():
         local = tiny_registry.load(UNCOND)(torch.from_numpy(from_tensor_proto(response.latents, copy=True)))
     np.testing.assert_allclose(images_of(response), local.numpy() * 2 - 1, atol=1e-5)
+
+
+def test_a_gaussian_prior_is_served_and_sampled(stub: generation_pb2_grpc.GenerationServiceStub) -> None:
+    prior = stub.GetModel(generation_pb2.GetModelRequest(model=ref(UNCOND))).card.prior
+    assert prior.kind == common_pb2.LatentPrior.KIND_GAUSSIAN
+    np.testing.assert_array_equal(from_tensor_proto(prior.mean), np.full(LATENT, PRIOR_MEAN, np.float32))
+    np.testing.assert_allclose(from_tensor_proto(prior.covariance), np.eye(LATENT) * PRIOR_STD**2)
+    listed = stub.ListModels(generation_pb2.ListModelsRequest(name_contains=UNCOND)).models[0].prior
+    assert listed.kind == common_pb2.LatentPrior.KIND_GAUSSIAN and not listed.mean.data  # kept small in listings
+    latents = from_tensor_proto(stub.Generate(seeded(UNCOND, seed=0, count=16)).latents)
+    assert abs(latents.mean() - PRIOR_MEAN) < 0.1 and abs(latents.std() - PRIOR_STD) < 0.1
 
 
 def test_generate_stream_answers_in_chunks(stub: generation_pb2_grpc.GenerationServiceStub) -> None:

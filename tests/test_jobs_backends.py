@@ -49,13 +49,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JobStack]:
             service.stop(grace=None)
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "random_search"])
-def test_the_same_inversion_on_the_local_and_the_remote_backend_agrees(stack: JobStack, optimizer: str) -> None:
+@pytest.mark.parametrize(("optimizer", "conditioned_class"), [("adam", None), ("random_search", None), ("lbfgs", 2)])
+def test_the_same_inversion_on_the_local_and_the_remote_backend_agrees(
+    stack: JobStack, optimizer: str, conditioned_class: int | None
+) -> None:
     settings = stack.settings
     registry = ModelRegistry([stack.registry_root])
     spec = inversion_spec(budget=6, targets=2, seed=11, lambda_r=0.1)
     spec.inversion.optimizer.name = optimizer
     spec.inversion.optimizer.population_size = 4
+    if conditioned_class is not None:
+        spec.inversion.conditioned_class = conditioned_class  # the realism term gets the class: D's projection
     kind = InversionJob()
     parsed = kind.parse(spec.inversion, SubmitContext(settings, registry))
     backends = (LocalBackend(registry), RemoteBackend(settings.settings, registry))

@@ -173,3 +173,16 @@ def test_async_client_watches_and_retries(scripted: tuple[ScriptedOptimization, 
             return ids
 
     assert asyncio.run(story()) == ["1-0", "2-0", "3-0", "4-0", "5-0"]
+
+
+def test_embedded_without_the_server_package_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from gansteer import embedded
+
+    def missing(name: str) -> None:
+        raise ModuleNotFoundError(f"No module named {name!r}", name="gansteer_server")
+
+    monkeypatch.setattr(importlib, "import_module", missing)
+    with pytest.raises(ImportError, match="pip install gansteer-server"), embedded():
+        pass

@@ -118,7 +118,7 @@ def test_inversion_spec_sends_only_what_the_caller_set() -> None:
     spec = _specs.inversion_spec(np.zeros((4, 4, 3), np.uint8), model="scenes-gen@2")
     inversion = spec.inversion
     assert inversion.generator.name == "scenes-gen@2" and len(inversion.targets) == 1
-    assert not inversion.HasField("optimizer") and not inversion.HasField("budget")
+    assert not inversion.HasField("optimizer") and inversion.budget.amount == 300  # the server requires a budget
     assert not inversion.HasField("lambda_s") and not inversion.HasField("conditioned_class")
     assert spec.idempotency_key  # makes a retried SubmitJob harmless
     full = _specs.inversion_spec(

@@ -322,6 +322,14 @@ CASES = [
     pytest.param(
         "generation",
         "Backward",
+        lambda: backward(condition=common_pb2.ClassCondition()),
+        INVALID,
+        "condition",
+        id="no condition for a conditional generator",
+    ),
+    pytest.param(
+        "generation",
+        "Backward",
         lambda: backward(grad_images=float_tensor(np.zeros((2, 3, 16, 16)))),
         INVALID,
         "grad_images.shape",

@@ -80,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     transport: Transport = args.transport
-    stack = start_stack(redis_url=os.environ.get("GANSTEER_REDIS_URL") or None, transport=transport)
+    try:
+        stack = start_stack(redis_url=os.environ.get("GANSTEER_REDIS_URL") or None, transport=transport)
+    except (OSError, RuntimeError) as error:  # a port in use, a redis-server that would not start
+        print(f"gansteer demo: could not start the stack: {error}", file=sys.stderr)
+        return 1
     print(f"gansteer demo: stack up in {time.monotonic() - started:.1f} s, {stack.transport}", flush=True)
     try:
         with Client(

@@ -16,6 +16,7 @@ arrays and images to and from it (`gansteer.tensors`); it never depends on torch
 `gansteer.embedded()` runs the whole stack in this process when the server package is installed.
 """
 
+from gansteer._specs import InversionOptions
 from gansteer.aio import AsyncClient, AsyncJob
 from gansteer.client import Client
 from gansteer.embedded import embedded
@@ -72,6 +73,7 @@ __all__ = [
     "GenerationResult",
     "Internal",
     "InvalidArgument",
+    "InversionOptions",
     "InversionResult",
     "Job",
     "JobCancelled",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, TypedDict, Unpack
 
 import numpy as np
 import numpy.typing as npt
@@ -25,6 +25,8 @@ ClassSpec: TypeAlias = int | str
 Outputs: TypeAlias = str | Sequence[str] | Mapping[str, Mapping[str, Any]]
 """Scorer outputs: one name, several names, or names mapped to their parameters ({"probs": {"classes": [3]}})."""
 BudgetUnit: TypeAlias = Literal["iterations", "generator_calls"]
+# The server requires a budget; this one finishes in seconds on the built-in 32x32 generator on a laptop CPU.
+DEFAULT_BUDGET = 300
 Backend: TypeAlias = Literal["local", "remote"]
 
 _BUDGET_UNITS = {
@@ -118,89 +120,94 @@ def score_request(images: ImageInput | Sequence[ImageInput], scorer: str, output
     )
 
 
+class InversionOptions(TypedDict, total=False):
+    """The settings of an inversion job (optimization.proto, InversionSpec) besides its targets and generator.
+
+    Every one is optional; an unset one takes the server's default, except `budget` (the server requires one: the
+    SDK sends 300 iterations).
+    """
+
+    criterion: str  # a preset of seed 003's Table I: `l2`, `l2+features` (server default), `features`
+    lambda_s: float  # weights overriding the preset's: feature statistics, pixel L2, latent norm, realism
+    lambda_l: float
+    lambda_nu: float
+    lambda_r: float
+    discriminator: str  # of the realism term; default: the generator card's pair
+    feature_extractor: str  # of the feature-statistics term; default: the server's
+    optimizer: str  # adam (default), lbfgs, nesterov, random_search, TwoPointsDE, DE, DiscreteOnePlusOne, CMA
+    learning_rate: float
+    population_size: int  # candidates per step of gradient-free optimizers, evaluated as one batch
+    optimizer_options: Mapping[str, Any]  # e.g. {"momentum": 0.9}
+    budget: int  # iterations, or generator calls with budget_unit="generator_calls"
+    budget_unit: BudgetUnit
+    restarts: int  # random starts per target; the best is kept
+    conditioned_class: ClassSpec  # hold this class (id or name) fixed; unset: search the class vector too
+    seed: int
+    backend: Backend  # where the worker runs the models: "local" or "remote"; default: the deployment's
+    initial_latents: npt.ArrayLike  # float32 [targets * restarts, latent_size]
+    preview_every: int  # a PreviewEvent every this many steps (0: none)
+    priority: int  # 0 to 9, higher runs first
+    time_limit_s: float
+    labels: Mapping[str, str]  # free labels, usable as a `jobs()` filter
+    idempotency_key: str  # default: a fresh UUID, which makes a retried SubmitJob harmless
+
+
 def inversion_spec(
     targets: ImageInput | Sequence[ImageInput],
     *,
     model: str,
-    criterion: str | None = None,
-    optimizer: str | None = None,
-    budget: int | None = None,
-    budget_unit: BudgetUnit = "iterations",
-    conditioned_class: ClassSpec | None = None,
     card: ModelInfo | None = None,
-    learning_rate: float | None = None,
-    population_size: int | None = None,
-    optimizer_options: Mapping[str, Any] | None = None,
-    lambda_s: float | None = None,
-    lambda_l: float | None = None,
-    lambda_nu: float | None = None,
-    lambda_r: float | None = None,
-    restarts: int | None = None,
-    seed: int = 0,
-    discriminator: str | None = None,
-    feature_extractor: str | None = None,
-    backend: Backend | None = None,
-    initial_latents: npt.ArrayLike | None = None,
-    preview_every: int = 0,
-    priority: int = 0,
-    time_limit_s: float | None = None,
-    labels: Mapping[str, str] | None = None,
-    idempotency_key: str | None = None,
+    **options: Unpack[InversionOptions],
 ) -> optimization_pb2.JobSpec:
-    """The JobSpec of an inversion job (optimization.proto, InversionSpec). The idempotency key defaults to a fresh
-    UUID, which makes SubmitJob safe to retry: a retried submission returns the job the first one created."""
+    """The JobSpec of an inversion job; `card` (the generator's) is needed only for a class given by name."""
     images = as_image_list(targets)
     if not images:
         raise _invalid("targets", "give at least one target image")
     spec = optimization_pb2.InversionSpec(
         targets=[image_to_proto(im, field=f"targets[{i}]") for i, im in enumerate(images)],
         generator=model_ref(model),
-        criterion=criterion or "",
-        seed=seed,
-        restarts=restarts or 0,
+        criterion=options.get("criterion", ""),
+        seed=options.get("seed", 0),
+        restarts=options.get("restarts", 0),
     )
-    if optimizer is not None or learning_rate is not None or population_size is not None or optimizer_options:
+    optimizer_keys = ("optimizer", "learning_rate", "population_size", "optimizer_options")
+    if any(key in options for key in optimizer_keys):
         spec.optimizer.CopyFrom(
             optimization_pb2.Optimizer(
-                name=optimizer or "",
-                learning_rate=learning_rate or 0.0,
-                population_size=population_size or 0,
-                options=_struct(optimizer_options or {}),
+                name=options.get("optimizer", ""),
+                learning_rate=options.get("learning_rate", 0.0),
+                population_size=options.get("population_size", 0),
+                options=_struct(options.get("optimizer_options", {})),
             )
         )
-    if budget is not None:
-        if budget_unit not in _BUDGET_UNITS:
-            raise _invalid("budget_unit", f"expected one of {', '.join(_BUDGET_UNITS)}, got {budget_unit!r}")
-        spec.budget.CopyFrom(optimization_pb2.Budget(unit=_BUDGET_UNITS[budget_unit], amount=budget))
-    for name, value in (
-        ("lambda_s", lambda_s),
-        ("lambda_l", lambda_l),
-        ("lambda_nu", lambda_nu),
-        ("lambda_r", lambda_r),
-    ):
-        if value is not None:
-            setattr(spec, name, value)
-    if conditioned_class is not None:
-        spec.conditioned_class = class_id(conditioned_class, card, field="conditioned_class")
-    if discriminator:
-        spec.discriminator.CopyFrom(model_ref(discriminator))
-    if feature_extractor:
-        spec.feature_extractor.CopyFrom(model_ref(feature_extractor))
-    if backend is not None:
-        if backend not in _BACKENDS:
-            raise _invalid("backend", f"expected local or remote, got {backend!r}")
-        spec.backend = _BACKENDS[backend]
-    if initial_latents is not None:
-        spec.initial_latents.CopyFrom(
-            tensors.to_tensor_proto(np.asarray(initial_latents, np.float32), field="initial_latents")
-        )
+    unit = options.get("budget_unit", "iterations")
+    if unit not in _BUDGET_UNITS:
+        raise _invalid("budget_unit", f"expected one of {', '.join(_BUDGET_UNITS)}, got {unit!r}")
+    spec.budget.CopyFrom(
+        optimization_pb2.Budget(unit=_BUDGET_UNITS[unit], amount=options.get("budget", DEFAULT_BUDGET))
+    )
+    for name in ("lambda_s", "lambda_l", "lambda_nu", "lambda_r"):
+        if name in options:
+            setattr(spec, name, options[name])
+    if "conditioned_class" in options:
+        spec.conditioned_class = class_id(options["conditioned_class"], card, field="conditioned_class")
+    for name in ("discriminator", "feature_extractor"):
+        if options.get(name):
+            getattr(spec, name).CopyFrom(model_ref(options[name]))  # type: ignore[literal-required]
+    if "backend" in options:
+        if options["backend"] not in _BACKENDS:
+            raise _invalid("backend", f"expected local or remote, got {options['backend']!r}")
+        spec.backend = _BACKENDS[options["backend"]]
+    if "initial_latents" in options:
+        latents = np.asarray(options["initial_latents"], np.float32)
+        spec.initial_latents.CopyFrom(tensors.to_tensor_proto(latents, field="initial_latents"))
     return optimization_pb2.JobSpec(
         inversion=spec,
-        priority=priority,
-        time_limit_s=time_limit_s or 0.0,
-        idempotency_key=idempotency_key or uuid.uuid4().hex,
-        labels=dict(labels or {}),
-        preview_every=preview_every,
+        priority=options.get("priority", 0),
+        time_limit_s=options.get("time_limit_s", 0.0),
+        idempotency_key=options.get("idempotency_key") or uuid.uuid4().hex,
+        labels=dict(options.get("labels", {})),
+        preview_every=options.get("preview_every", 0),
     )
 
 

@@ -18,7 +18,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import grpc  # type: ignore[import-untyped]
 import grpc.aio  # type: ignore[import-untyped]
@@ -28,8 +28,14 @@ import numpy.typing as npt
 from gansteer import _convert, _specs
 from gansteer._convert import ImageInput
 from gansteer._progress import ProgressBar
-from gansteer._specs import ClassSpec, Outputs
-from gansteer.client import DEFAULT_BUDGET, DEFAULT_TARGET, MAX_MESSAGE_BYTES, backoff_delay, resolve_targets
+from gansteer._specs import ClassSpec, InversionOptions, Outputs
+from gansteer._transport import (
+    CHANNEL_OPTIONS,
+    DEFAULT_TARGET,
+    auth_metadata,
+    backoff_delay,
+    resolve_targets,
+)
 from gansteer.errors import DeadlineExceeded, JobCancelled, JobFailed, from_rpc_error
 from gansteer.types import (
     GenerationResult,
@@ -74,7 +80,7 @@ class AsyncClient:
         self.generation_target, self.scoring_target, self.target = resolve_targets(
             target, generation_target, scoring_target
         )
-        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._metadata = auth_metadata(api_key)
         self._channels: dict[str, grpc.aio.Channel] = {}
         generation_channel = self._channel(self.generation_target, credentials)
         self._generation = generation_pb2_grpc.GenerationServiceStub(generation_channel)  # type: ignore[no-untyped-call]
@@ -85,14 +91,10 @@ class AsyncClient:
 
     def _channel(self, target: str, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
         if target not in self._channels:
-            options = [
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ]
             self._channels[target] = (
-                grpc.aio.secure_channel(target, credentials, options)
+                grpc.aio.secure_channel(target, credentials, CHANNEL_OPTIONS)
                 if credentials is not None
-                else grpc.aio.insecure_channel(target, options)
+                else grpc.aio.insecure_channel(target, CHANNEL_OPTIONS)
             )
         return self._channels[target]
 
@@ -200,11 +202,11 @@ class AsyncClient:
         response = await self._call(self._scoring.Score, request, target=self.scoring_target, timeout=timeout)
         return _convert.score_result(response.outputs)
 
-    async def invert(self, target: ImageInput | Sequence[ImageInput], *, model: str, **options: Any) -> AsyncJob:
-        """Submits an inversion job; the keyword arguments are those of `Client.invert`."""
-        options.setdefault("budget", DEFAULT_BUDGET)
-        conditioned = options.get("conditioned_class")
-        card = await self.model(model) if isinstance(conditioned, str) else None
+    async def invert(
+        self, target: ImageInput | Sequence[ImageInput], *, model: str, **options: Unpack[InversionOptions]
+    ) -> AsyncJob:
+        """Submits an inversion job; the options are those of `Client.invert`."""
+        card = await self.model(model) if isinstance(options.get("conditioned_class"), str) else None
         return await self.submit(_specs.inversion_spec(target, model=model, card=card, **options))
 
     async def submit(self, spec: optimization_pb2.JobSpec) -> AsyncJob:

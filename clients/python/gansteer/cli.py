@@ -20,15 +20,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, fields, is_dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from gansteer import errors
-from gansteer.client import DEFAULT_BUDGET, DEFAULT_TARGET, Client
+from gansteer._specs import DEFAULT_BUDGET, InversionOptions
+from gansteer._transport import DEFAULT_TARGET
+from gansteer.client import Client
 from gansteer.images import image_grid, save_inversion
 from gansteer.job import Job
-from gansteer.types import JobEvent, JobState, ProgressEvent, StateChanged
+from gansteer.types import JobState, StateChanged
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_UNAVAILABLE, EXIT_JOB_FAILED = 0, 1, 2, 3, 4, 5, 6
 EXIT_INTERRUPTED = 130
@@ -76,16 +78,6 @@ def _plain(value: Any) -> Any:
 
 def _emit(args: argparse.Namespace, document: Any, text: Callable[[], str]) -> None:
     print(json.dumps(_plain(document), indent=2) if args.json else text())
-
-
-def _event_text(event: JobEvent) -> str:
-    if isinstance(event, ProgressEvent):
-        total = event.criterion.get("total")
-        shown = f" criterion {total:.5g}" if total is not None else ""
-        return f"step {event.step}/{event.total_steps or '?'}{shown}"
-    if isinstance(event, StateChanged):
-        return f"{event.previous.value} -> {event.state.value}" + (f": {event.message}" if event.message else "")
-    return type(event).__name__
 
 
 # --- commands -----------------------------------------------------------------------------------------------------
@@ -137,21 +129,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _wait_and_save(args: argparse.Namespace, job: Job, targets: Sequence[Any] | None) -> int:
+def _wait_and_save(
+    args: argparse.Namespace, job: Job, targets: Sequence[Any] | None, *, cancel_on_interrupt: bool = False
+) -> int:
+    """Waits for the job (Ctrl-C cancels it when this command submitted it), then prints and saves its result."""
     try:
         job.wait(progress=not args.json and not args.quiet)
     except KeyboardInterrupt:
-        if getattr(args, "cancel_on_interrupt", False):
+        if cancel_on_interrupt:
             job.cancel("interrupted from the command line")
             print(f"cancelled job {job.id}", file=sys.stderr)
         raise
+    return _save(args, job, targets)
+
+
+def _save(args: argparse.Namespace, job: Job, targets: Sequence[Any] | None) -> int:
+    """Prints the result's metrics and, with --out, writes targets, results, grid, latents and metrics."""
     result = job.result(wait=False)
-    document: dict[str, Any] = {
-        "job_id": job.id,
-        "state": "succeeded",
-        "metrics": result.metrics,
-        "items": result.item_metrics,
-    }
+    document: dict[str, Any] = {"job_id": job.id, "metrics": result.metrics, "items": result.item_metrics}
     lines = [f"job {job.id} succeeded"]
     if args.out:
         saved = save_inversion(result, list(targets) if targets is not None else job.targets(), args.out)
@@ -163,6 +158,20 @@ def _wait_and_save(args: argparse.Namespace, job: Job, targets: Sequence[Any] | 
     return EXIT_OK
 
 
+# `gansteer invert` options passed to `Client.invert` under the same name when given.
+_INVERT_OPTIONS = (
+    "criterion",
+    "discriminator",
+    "optimizer",
+    "learning_rate",
+    "budget",
+    "budget_unit",
+    "restarts",
+    "seed",
+    "backend",
+)
+
+
 def cmd_invert(args: argparse.Namespace) -> int:
     from PIL import Image as PILImage
 
@@ -171,24 +180,13 @@ def cmd_invert(args: argparse.Namespace) -> int:
         if not Path(path).is_file():
             raise errors.InvalidArgument(f"{path}: no such file")
         targets.append(path)
-    conditioned = None
+    given = {name: getattr(args, name) for name in _INVERT_OPTIONS if getattr(args, name) is not None}
+    options = cast(InversionOptions, given)
     if args.conditioned_class is not None:
-        conditioned = int(args.conditioned_class) if args.conditioned_class.isdigit() else args.conditioned_class
+        cls = args.conditioned_class
+        options["conditioned_class"] = int(cls) if cls.isdigit() else cls
     with _client(args) as client:
-        job = client.invert(
-            targets,
-            model=args.model,
-            criterion=args.criterion,
-            optimizer=args.optimizer,
-            budget=args.budget,
-            budget_unit=args.budget_unit,
-            conditioned_class=conditioned,
-            restarts=args.restarts,
-            seed=args.seed,
-            learning_rate=args.learning_rate,
-            backend=args.backend,
-            discriminator=args.discriminator,
-        )
+        job = client.invert(targets, model=args.model, **options)
         if args.no_wait:
             _emit(args, {"job_id": job.id, "state": "queued"}, lambda: job.id)
             return EXIT_OK
@@ -198,8 +196,7 @@ def cmd_invert(args: argparse.Namespace) -> int:
         for path in targets:
             with PILImage.open(path) as image:
                 images.append(image.convert("RGB"))
-        args.cancel_on_interrupt = True
-        return _wait_and_save(args, job, images)
+        return _wait_and_save(args, job, images, cancel_on_interrupt=True)
 
 
 def cmd_jobs_list(args: argparse.Namespace) -> int:
@@ -256,14 +253,11 @@ def cmd_jobs_result(args: argparse.Namespace) -> int:
         job = client.job(args.job_id)
         if args.no_wait:
             status = job.status()
-            if status.state in (JobState.FAILED, JobState.CANCELLED):
-                raise errors.JobCancelled(status) if status.state == JobState.CANCELLED else errors.JobFailed(status)
-            result = job.result(wait=False)
-            document: dict[str, Any] = {"job_id": job.id, "metrics": result.metrics, "items": result.item_metrics}
-            if args.out:
-                document.update(files=save_inversion(result, job.targets(), args.out))
-            _emit(args, document, lambda: json.dumps(_plain(document), indent=2))
-            return EXIT_OK
+            if status.state == JobState.CANCELLED:
+                raise errors.JobCancelled(status)
+            if status.state == JobState.FAILED:
+                raise errors.JobFailed(status)
+            return _save(args, job, None)
         return _wait_and_save(args, job, None)
 
 

@@ -8,11 +8,10 @@ created. Failed calls raise the `gansteer.errors` classes with the server's mess
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import grpc  # type: ignore[import-untyped]
 import numpy as np
@@ -20,7 +19,14 @@ import numpy.typing as npt
 
 from gansteer import _convert, _specs
 from gansteer._convert import ImageInput
-from gansteer._specs import Backend, BudgetUnit, ClassSpec, Outputs
+from gansteer._specs import ClassSpec, InversionOptions, Outputs
+from gansteer._transport import (
+    CHANNEL_OPTIONS,
+    DEFAULT_TARGET,
+    auth_metadata,
+    backoff_delay,
+    resolve_targets,
+)
 from gansteer.errors import DeadlineExceeded, from_rpc_error
 from gansteer.job import Job
 from gansteer.types import (
@@ -43,35 +49,7 @@ from gansteer.v1 import (
     scoring_pb2_grpc,
 )
 
-DEFAULT_TARGET = "localhost:50053"
-# The ports `gansteer up` and the server settings use when the client is left at its default target.
-DEFAULT_GENERATION_TARGET = "localhost:50051"
-DEFAULT_SCORING_TARGET = "localhost:50052"
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-# The server requires a budget; this one finishes in seconds on the built-in 32x32 generator on a laptop CPU.
-DEFAULT_BUDGET = 300
-
 R = TypeVar("R")
-
-
-def resolve_targets(target: str, generation_target: str | None, scoring_target: str | None) -> tuple[str, str, str]:
-    """(generation, scoring, optimization) addresses.
-
-    An unset generation or scoring target means `target` serves every service (a gateway), except that the
-    default target pairs with the default local ports, so `Client()` reaches a stack started by `gansteer up`.
-    """
-    local = target == DEFAULT_TARGET
-    return (
-        generation_target or (DEFAULT_GENERATION_TARGET if local else target),
-        scoring_target or (DEFAULT_SCORING_TARGET if local else target),
-        target,
-    )
-
-
-def backoff_delay(attempt: int, *, initial: float = 0.1, maximum: float = 5.0) -> float:
-    """Seconds to wait before retry `attempt` (0-based): doubling from `initial`, capped, with jitter so many
-    clients that lost the same server do not come back in step."""
-    return min(maximum, initial * 2.0**attempt) * random.uniform(0.5, 1.0)
 
 
 class Client:
@@ -105,7 +83,7 @@ class Client:
         self.generation_target, self.scoring_target, self.target = resolve_targets(
             target, generation_target, scoring_target
         )
-        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._metadata = auth_metadata(api_key)
         self._channels: dict[str, grpc.Channel] = {}
         generation_channel = self._channel(self.generation_target, credentials)
         self._generation = generation_pb2_grpc.GenerationServiceStub(generation_channel)  # type: ignore[no-untyped-call]
@@ -116,14 +94,10 @@ class Client:
 
     def _channel(self, target: str, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
         if target not in self._channels:
-            options = [
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ]
             self._channels[target] = (
-                grpc.secure_channel(target, credentials, options)
+                grpc.secure_channel(target, credentials, CHANNEL_OPTIONS)
                 if credentials is not None
-                else grpc.insecure_channel(target, options)
+                else grpc.insecure_channel(target, CHANNEL_OPTIONS)
             )
         return self._channels[target]
 
@@ -262,74 +236,18 @@ class Client:
     # --- jobs -----------------------------------------------------------------------------------------------------
 
     def invert(
-        self,
-        target: ImageInput | Sequence[ImageInput],
-        *,
-        model: str,
-        criterion: str | None = None,
-        optimizer: str | None = None,
-        budget: int = DEFAULT_BUDGET,
-        budget_unit: BudgetUnit = "iterations",
-        conditioned_class: ClassSpec | None = None,
-        restarts: int | None = None,
-        seed: int = 0,
-        learning_rate: float | None = None,
-        population_size: int | None = None,
-        optimizer_options: Mapping[str, Any] | None = None,
-        lambda_s: float | None = None,
-        lambda_l: float | None = None,
-        lambda_nu: float | None = None,
-        lambda_r: float | None = None,
-        discriminator: str | None = None,
-        feature_extractor: str | None = None,
-        backend: Backend | None = None,
-        initial_latents: npt.ArrayLike | None = None,
-        preview_every: int = 0,
-        priority: int = 0,
-        time_limit_s: float | None = None,
-        labels: Mapping[str, str] | None = None,
-        idempotency_key: str | None = None,
+        self, target: ImageInput | Sequence[ImageInput], *, model: str, **options: Unpack[InversionOptions]
     ) -> Job:
         """Submits an inversion job: find latents of generator `model` whose images resemble the target(s).
 
-        `target`: one image or a list (PIL images, paths, PNG bytes, numpy arrays); all are optimised as one batch,
-        one result each. `criterion`: a preset (`l2`, `l2+features`, `features`) whose weights `lambda_*` override.
-        `optimizer`: `adam`, `lbfgs`, `nesterov`, `random_search`, `TwoPointsDE`, `DE`, `DiscreteOnePlusOne`, `CMA`.
-        `budget`: iterations (default 300), or generator calls with `budget_unit="generator_calls"`.
-        `conditioned_class`: hold a class (id or name) fixed instead of searching the class vector too. Other unset
-        arguments take the server's defaults (the `l2+features` preset, Adam). Returns at once with the job; the
-        server refuses a bad spec with InvalidArgument, or NotFound for an unknown model.
+        `target`: one image or a list (PIL images, paths, image bytes, numpy arrays); all are optimised as one
+        batch, one result each. `options` (see `InversionOptions`): `criterion`, `lambda_*`, `discriminator`,
+        `optimizer`, `budget` (300 iterations unless given), `conditioned_class`, `restarts`, `seed`, ... Unset
+        ones take the server's defaults (the `l2+features` preset, Adam). Returns at once with the job; the server
+        refuses a bad spec with InvalidArgument, or NotFound for an unknown model.
         """
-        card = self.model(model) if isinstance(conditioned_class, str) else None
-        spec = _specs.inversion_spec(
-            target,
-            model=model,
-            criterion=criterion,
-            optimizer=optimizer,
-            budget=budget,
-            budget_unit=budget_unit,
-            conditioned_class=conditioned_class,
-            card=card,
-            learning_rate=learning_rate,
-            population_size=population_size,
-            optimizer_options=optimizer_options,
-            lambda_s=lambda_s,
-            lambda_l=lambda_l,
-            lambda_nu=lambda_nu,
-            lambda_r=lambda_r,
-            restarts=restarts,
-            seed=seed,
-            discriminator=discriminator,
-            feature_extractor=feature_extractor,
-            backend=backend,
-            initial_latents=initial_latents,
-            preview_every=preview_every,
-            priority=priority,
-            time_limit_s=time_limit_s,
-            labels=labels,
-            idempotency_key=idempotency_key,
-        )
-        return self.submit(spec)
+        card = self.model(model) if isinstance(options.get("conditioned_class"), str) else None
+        return self.submit(_specs.inversion_spec(target, model=model, card=card, **options))
 
     def submit(self, spec: optimization_pb2.JobSpec) -> Job:
         """Submits any job kind from its JobSpec message (the typed helpers such as `invert` build one).

@@ -35,7 +35,7 @@ def run_up(*, redis_url: str, transport: str, any_port: bool, json_output: bool)
             free_ports=any_port,
             key_prefix=None,
         )
-    except OSError as error:  # a port in use, a redis-server that would not start
+    except (OSError, RuntimeError) as error:  # a port in use, a redis-server that would not start, no fakeredis
         _restore(previous)
         print(f"gansteer up: {error}", file=sys.stderr)
         return 1

@@ -170,6 +170,9 @@ def create_celery(settings: JobSettings, jobs: Jobs) -> Celery:
             "visibility_timeout": settings.visibility_timeout_s,
             "unacked_restore_interval": settings.restore_interval_s,
             "unacked_restore_throttle": 1,
+            # A worker killed during a restore sweep holds the sweep's mutex until it expires (default 5 min);
+            # overlapping sweeps can only duplicate messages, which the leases absorb.
+            "unacked_mutex_expire": max(5, round(5 * settings.restore_interval_s)),
             "queue_order_strategy": "priority",
             "priority_steps": list(range(10)),
             "sep": ":",
@@ -187,6 +190,9 @@ def create_celery(settings: JobSettings, jobs: Jobs) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # A pool child that died is reported (and its task re-queued) after this wait for a result it might have
+        # sent; tasks here send none (the job store holds results), so waiting Celery's default 10 s is pointless.
+        worker_lost_wait=1.0,
         # Each queue on its own direct exchange: a bare Queue(name) would bind to the default queue's exchange and
         # routing key, and a message for one queue would land in both.
         task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],

@@ -31,6 +31,7 @@ from gansteer_server.jobs.backends import ModelBackend
 from gansteer_server.jobs.kinds import JobKind, JobRun, StepProgress, SubmitContext, register_kind
 from gansteer_server.jobs.settings import JobSettings
 from gansteer_server.models import ModelCard
+from gansteer_server.proto import common_pb2
 from gansteer_server.proto import optimization_pb2 as opt
 from gansteer_server.servers.convert import float_tensor
 from gansteer_server.servers.errors import invalid_argument
@@ -64,34 +65,19 @@ class InversionJob(JobKind):
 
     def parse(self, message: Message, context: SubmitContext) -> InversionJobSpec:
         assert isinstance(message, opt.InversionSpec)
-        limits = context.settings
         generator = context.model(message.generator, f"{FIELD}.generator", ("generator",))
-        resolution = generator.resolution or 0
-        targets = self._targets(message, context, resolution, generator.channels)
+        targets = self._targets(message, context, generator.resolution or 0, generator.channels)
         config = self._config(message, context, generator, len(targets))
         weights = config.criterion_weights
-        discriminator = None
-        if weights.realism > 0:
-            ref = message.discriminator
-            if not ref.name:
-                paired = generator.extra.get("discriminator")
-                if not isinstance(paired, str) or not paired:
-                    raise invalid_argument(
-                        f"{FIELD}.discriminator",
-                        f"the realism term (lambda_r {weights.realism:g}) needs a discriminator and the card of "
-                        f"{generator.ref} names none; give one or set lambda_r to 0",
-                        "MISSING_MODEL",
-                    )
-                ref = type(ref)(name=paired)
-            discriminator = context.model(ref, f"{FIELD}.discriminator", ("discriminator",)).ref
+        discriminator = self._discriminator(message, context, generator) if weights.realism > 0 else None
         feature_extractor = None
         if weights.features > 0:
             ref = message.feature_extractor
             if not ref.name:
-                ref = type(ref)(name=limits.default_feature_extractor)
+                ref = common_pb2.ModelRef(name=context.settings.default_feature_extractor)
             card = context.model(ref, f"{FIELD}.feature_extractor", ("feature_extractor", "classifier"))
             feature_extractor = card.ref
-            if card.resolution:
+            if card.resolution:  # compare the statistics at the extractor's own input size
                 config = dataclasses.replace(config, feature_size=card.resolution)
         return InversionJobSpec(
             targets=targets,
@@ -101,6 +87,22 @@ class InversionJob(JobKind):
             config=config,
             backend=_BACKENDS.get(message.backend, ""),
         )
+
+    @staticmethod
+    def _discriminator(message: opt.InversionSpec, context: SubmitContext, generator: ModelCard) -> str:
+        """The spec's discriminator, else the one the generator's card pairs it with (`extra.discriminator`)."""
+        ref = message.discriminator
+        if not ref.name:
+            paired = generator.extra.get("discriminator")
+            if not isinstance(paired, str) or not paired:
+                raise invalid_argument(
+                    f"{FIELD}.discriminator",
+                    f"the realism term (lambda_r > 0) needs a discriminator, and the card of {generator.ref} names "
+                    "none; give one, or set lambda_r to 0",
+                    "MISSING_MODEL",
+                )
+            ref = common_pb2.ModelRef(name=paired)
+        return context.model(ref, f"{FIELD}.discriminator", ("discriminator",)).ref
 
     def _targets(self, message: opt.InversionSpec, context: SubmitContext, resolution: int, channels: int) -> Tensor:
         limit = context.settings.settings.max_images_per_request
@@ -225,7 +227,7 @@ class InversionJob(JobKind):
         models = InversionModels(
             generator=generator,
             z_size=generator.card.latent_size or 0,
-            class_embeddings=generator.class_embeddings() if spec.config.class_mode == "search" else None,
+            class_embeddings=generator.class_embeddings() if spec.config.class_mode != "none" else None,
             feature_extractor=backend.feature_extractor(spec.feature_extractor) if spec.feature_extractor else None,
             discriminator=backend.discriminator(spec.discriminator) if spec.discriminator else None,
         )

@@ -32,6 +32,7 @@ import logging
 import os
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,6 +73,11 @@ class WorkerContext:
         # two workers in one process (in-thread workers of tests and the embedded mode).
         self.owner = self.owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
+    @property
+    def lease_owner(self) -> str:
+        """The owner this thread writes into leases: threads of one process (the threads pool) are told apart."""
+        return f"{self.owner}:{threading.get_native_id()}"
+
 
 def owner_is_dead(owner: str) -> bool:
     """Whether a lease owner is a process of this host that no longer exists."""
@@ -92,7 +98,7 @@ def run_segment(context: WorkerContext, job_id: str, segment: int) -> str:
     """Run one segment of a job; returns what happened (for logs and tests): a ClaimOutcome value, `segment` (the
     next one is queued), a final state, or `lease_lost`."""
     settings, store = context.settings, context.store
-    claim = store.claim(job_id, segment, context.owner, settings.lease_s, settings.max_deliveries, owner_is_dead)
+    claim = store.claim(job_id, segment, context.lease_owner, settings.lease_s, settings.max_deliveries, owner_is_dead)
     if claim.outcome is ClaimOutcome.HELD:
         assert claim.record is not None
         context.enqueue(claim.record, segment, claim.retry_after_s + 0.05)
@@ -114,7 +120,7 @@ class _Segment:
 
     def __init__(self, context: WorkerContext, record: JobRecord, segment: int, resumed: bool) -> None:
         self.context, self.record, self.segment, self.resumed = context, record, segment, resumed
-        self.settings, self.store, self.owner = context.settings, context.store, context.owner
+        self.settings, self.store, self.owner = context.settings, context.store, context.lease_owner
         self.job_id = record.id
 
     def run(self) -> str:

@@ -70,7 +70,8 @@ def start_worker_thread(
     """A solo-pool worker in a daemon thread of this process, consuming `queues` until the block exits.
 
     With `settings.broker` = `memory://` this is the embedded mode: the service and the worker share Celery's
-    in-process transport, and run the same code as separate processes on Redis.
+    in-process transport, and run the same code as separate processes on Redis. Celery keeps a worker's state in
+    module globals, so run one in-thread worker per process at a time.
     """
     jobs = Jobs(settings)
     with start_worker(

@@ -47,6 +47,7 @@ class ModelStore:
         self._resolved: dict[str, tuple[float, ModelCard]] = {}
         self._torch: dict[str, nn.Module] = {}
         self._onnx: dict[str, OnnxModel] = {}
+        self._priors: dict[str, tuple[Tensor, Tensor] | None] = {}
         self._lock = threading.Lock()
 
     def card(self, ref: str) -> ModelCard:
@@ -58,6 +59,12 @@ class ModelStore:
         card = self.registry.card(ref)
         self._resolved[ref] = (float("inf") if "@" in ref else now, card)
         return card
+
+    def latent_prior(self, card: ModelCard) -> tuple[Tensor, Tensor] | None:
+        """(mean, covariance) of a generator's Gaussian prior, None for N(0, I); read once per version."""
+        if card.ref not in self._priors:
+            self._priors[card.ref] = self.registry.latent_prior(card.ref)
+        return self._priors[card.ref]
 
     def uses_onnx(self, card: ModelCard) -> bool:
         """Whether forward-only requests for this model run on ONNX Runtime."""

@@ -248,6 +248,9 @@ class BatcherPool:
 
     def get(self, name: str, run: Callable[[], RunBatch]) -> DynamicBatcher:
         """The batcher of model `name`; `run()` builds its run function (loading the model) the first time only."""
+        batcher = self._batchers.get(name)
+        if batcher is not None:
+            return batcher  # the common case takes no lock, so one model loading does not hold up the others
         with self._lock:
             batcher = self._batchers.get(name)
             if batcher is not None:

@@ -68,7 +68,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self, request: generation_pb2.GetModelRequest, context: grpc.ServicerContext
     ) -> generation_pb2.GetModelResponse:
         card = self.store.card(validation.model_ref(request.model))
-        prior = self.store.registry.latent_prior(card.ref) if card.kind == "generator" else None
+        prior = self.store.latent_prior(card) if card.kind == "generator" else None
         return generation_pb2.GetModelResponse(card=convert.card_proto(card, self._backends(card), prior))
 
     def Generate(
@@ -140,7 +140,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             count = validation.count(request.seeded.count, "seeded.count", limits)
             truncation = self._truncation(request)
             generator = sampling.seeded_generator(request.seeded.seed)
-            prior = self.store.registry.latent_prior(card.ref)
+            prior = self.store.latent_prior(card)
             z = sampling.draw_latents(generator, count, card.latent_size or 0, prior, truncation)
         else:
             raise invalid_argument("latent_source", "set `latents` or `seeded`", "MISSING_LATENTS")
