@@ -38,7 +38,6 @@ class _Request:
     inputs: tuple[Tensor, ...]
     images: int
     grad: bool
-    mergeable: bool
     deadline: float  # time.monotonic() seconds; inf when the call has none
     enqueued: float = field(default_factory=time.monotonic)
     future: Future[list[Tensor]] = field(default_factory=Future)
@@ -81,16 +80,15 @@ class DynamicBatcher:
         context: grpc.ServicerContext | None = None,
         *,
         grad: bool = False,
-        mergeable: bool = True,
     ) -> list[Tensor]:
         """Queue a request, wait for its batch and return its rows of the outputs.
 
         With a gRPC `context`, the request leaves the queue as soon as the call is cancelled or its deadline passes,
         and the work is never run. `grad=True` runs without `torch.inference_mode()` (the run computes gradients
-        itself); `mergeable=False` runs the request alone, for outputs that are not one row per image.
+        itself) and merges only with other `grad=True` requests.
         """
         deadline = time.monotonic() + context.time_remaining() if context is not None else float("inf")
-        request = self._submit(key, tuple(inputs), grad, mergeable, deadline)
+        request = self._submit(key, tuple(inputs), grad, deadline)
         if context is not None and not context.add_callback(lambda: self._cancel(request)):
             self._cancel(request)  # the call ended before the callback could be registered
         try:
@@ -105,11 +103,9 @@ class DynamicBatcher:
             self._condition.notify_all()
         self._worker.join(timeout)
 
-    def _submit(
-        self, key: Hashable, inputs: tuple[Tensor, ...], grad: bool, mergeable: bool, deadline: float
-    ) -> _Request:
+    def _submit(self, key: Hashable, inputs: tuple[Tensor, ...], grad: bool, deadline: float) -> _Request:
         images = int(inputs[0].shape[0]) if inputs else 0
-        request = _Request(key, inputs, images, grad, mergeable, deadline)
+        request = _Request(key, inputs, images, grad, deadline)
         with self._condition:
             if self._closing:
                 raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down", reason="SHUTTING_DOWN")
@@ -154,7 +150,7 @@ class DynamicBatcher:
                         return None
                     self._condition.wait()
                 head = self._queue[0]
-                if not self._closing and head.mergeable:
+                if not self._closing:
                     remaining = head.enqueued + self.max_delay_s - time.monotonic()
                     if remaining > 0 and self._mergeable_images(head) < self.max_batch:
                         self._condition.wait(remaining)
@@ -165,11 +161,10 @@ class DynamicBatcher:
 
     def _take(self, head: _Request) -> list[_Request]:
         batch, total = [head], head.images
-        if head.mergeable:
-            for request in list(self._queue)[1:]:
-                if self._merges(head, request) and total + request.images <= self.max_batch:
-                    batch.append(request)
-                    total += request.images
+        for request in list(self._queue)[1:]:
+            if self._merges(head, request) and total + request.images <= self.max_batch:
+                batch.append(request)
+                total += request.images
         for request in batch:
             self._queue.remove(request)
         self._queued_images -= total
@@ -177,7 +172,7 @@ class DynamicBatcher:
 
     @staticmethod
     def _merges(head: _Request, request: _Request) -> bool:
-        return request.mergeable and request.grad == head.grad and request.key == head.key
+        return request.grad == head.grad and request.key == head.key
 
     def _mergeable_images(self, head: _Request) -> int:
         return sum(r.images for r in self._queue if self._merges(head, r))
@@ -223,7 +218,7 @@ class DynamicBatcher:
         ]
         total = sum(r.images for r in batch)
         with torch.inference_mode(not head.grad):
-            if not head.mergeable or total <= self.max_batch:
+            if total <= self.max_batch:
                 return list(self._run(head.key, inputs))
             slices = [
                 self._run(head.key, [x[i : i + self.max_batch] for x in inputs])

@@ -37,9 +37,16 @@ class GenerationPlan:
     latents: Tensor
     condition: Condition | None
 
-    def inputs(self, start: int = 0, stop: int | None = None) -> list[Tensor]:
-        z = self.latents[start:stop]
-        return [z] if self.condition is None else [z, self.condition.embeddings[start:stop]]
+    def inputs(self) -> list[Tensor]:
+        """The batched inputs: (z, e) for a conditional generator, (z,) otherwise."""
+        return [self.latents] if self.condition is None else [self.latents, self.condition.embeddings]
+
+    def slice(self, start: int, stop: int) -> GenerationPlan:
+        condition = self.condition
+        if condition is not None:
+            ids = condition.class_ids
+            condition = Condition(condition.embeddings[start:stop], None if ids is None else ids[start:stop])
+        return GenerationPlan(self.card, self.latents[start:stop], condition)
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
@@ -75,8 +82,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self, request: generation_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> generation_pb2.GenerateResponse:
         plan = self._plan(request, self.limits)
-        images = self._forward(plan, plan.inputs(), context)
-        return self._response(plan, images, request.format, 0, plan.latents.shape[0])
+        return self._response(plan, self._forward(plan, context), request.format, 0, plan.latents.shape[0])
 
     def GenerateStream(
         self, request: generation_pb2.GenerateRequest, context: grpc.ServicerContext
@@ -90,19 +96,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         for start in range(0, total, chunk):
             if not context.is_active():
                 return  # the client went away: draw no more images
-            stop = min(start + chunk, total)
-            images = self._forward(plan, plan.inputs(start, stop), context)
-            part = GenerationPlan(
-                plan.card,
-                plan.latents[start:stop],
-                None
-                if plan.condition is None
-                else Condition(
-                    plan.condition.embeddings[start:stop],
-                    None if plan.condition.class_ids is None else plan.condition.class_ids[start:stop],
-                ),
-            )
-            yield self._response(part, images, request.format, start, total)
+            part = plan.slice(start, min(start + chunk, total))
+            yield self._response(part, self._forward(part, context), request.format, start, total)
 
     def Backward(
         self, request: generation_pb2.BackwardRequest, context: grpc.ServicerContext
@@ -206,8 +201,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def _batcher(self, card: ModelCard) -> DynamicBatcher:
         return self.batchers.get(card.ref, lambda: self._runner(card))
 
-    def _forward(self, plan: GenerationPlan, inputs: list[Tensor], context: grpc.ServicerContext) -> Tensor:
-        return self._batcher(plan.card).call(FORWARD, inputs, context)[0]
+    def _forward(self, plan: GenerationPlan, context: grpc.ServicerContext) -> Tensor:
+        return self._batcher(plan.card).call(FORWARD, plan.inputs(), context)[0]
 
     def _runner(self, card: ModelCard) -> RunBatch:
         """The batch function of one generator: images in [-1, 1] (forward) or the VJP (backward)."""

@@ -149,6 +149,8 @@ def build(work_dir: Path, registry_root: Path, gan_minutes: float | None, replac
                 **_IMAGES,
                 "description": "BigGAN-style class-conditional generator of 32x32 scenes (EMA weights). "
                 "ONNX export takes (z, embedding); look class ids up in `embedding.weight`.",
+                # The companions a job uses when its spec names none: realism, feature statistics, judging.
+                "extra": {"discriminator": "scenes-disc", "feature_extractor": "scenes-clf", "judge": "scenes-judge"},
             },
             generator,
             onnx,
