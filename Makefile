@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: setup demo test lint format protos zoo zoo-eval clean
+.PHONY: setup demo test lint format protos zoo zoo-eval up generation scoring optimization worker clean
 
 $(INSTALLED): services/pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,23 @@ zoo: setup
 
 zoo-eval: setup
 	$(BIN)/python -m gansteer_server.zoo.evaluate
+
+# The processes of a deployment, one per terminal (settings from GANSTEER_* variables; see README.md), or all of
+# them at once with `make up`.
+up: setup
+	$(BIN)/gansteer up
+
+generation: setup
+	$(BIN)/gansteer-generation
+
+scoring: setup
+	$(BIN)/gansteer-scoring
+
+optimization: setup
+	$(BIN)/gansteer-optimization
+
+worker: setup
+	$(BIN)/gansteer-worker
 
 clean:
 	rm -rf $(VENV) out var

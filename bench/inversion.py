@@ -42,6 +42,8 @@ import numpy as np
 import redis
 import skimage.data
 import torch
+from torch import Tensor
+
 from gansteer.tensors import to_tensor_proto
 from gansteer_server.algorithms.inversion import CRITERION_PRESETS, InversionConfig, InversionModels, InversionRun
 from gansteer_server.algorithms.inversion.criteria import resize
@@ -53,7 +55,6 @@ from gansteer_server.jobs.backends import LocalBackend
 from gansteer_server.models import ModelRegistry
 from gansteer_server.proto import common_pb2, optimization_pb2_grpc
 from gansteer_server.proto import optimization_pb2 as opt
-from torch import Tensor
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CASES = ("reconstruction", "semi-specified", "misspecified")

@@ -46,12 +46,13 @@ from typing import Any
 import grpc
 import numpy as np
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from torch import nn
+
 from gansteer.tensors import from_tensor_proto, to_tensor_proto
 from gansteer_server.config import BUILTIN_REGISTRY
 from gansteer_server.models import ModelRegistry, OnnxModel
 from gansteer_server.proto import common_pb2, generation_pb2, generation_pb2_grpc, scoring_pb2, scoring_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCHES = (1, 16, 64)

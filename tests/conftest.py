@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from gansteer_server.models import ModelRegistry
 
 torch.set_num_threads(1)

@@ -27,6 +27,9 @@ import grpc
 import numpy as np
 import redis
 import torch
+from google.protobuf.message import Message
+from safetensors.torch import save
+
 from gansteer.tensors import png_encode
 from gansteer.v1 import common_pb2, optimization_pb2, optimization_pb2_grpc
 from gansteer_server.config import Settings
@@ -37,8 +40,6 @@ from gansteer_server.models import ModelRegistry
 from gansteer_server.models.architectures.scenes import ScenesClassifier, ScenesDiscriminator, ScenesGenerator
 from gansteer_server.proto import optimization_pb2 as opt
 from gansteer_server.servers.optimization import RunningOptimizationService, start_optimization_server
-from google.protobuf.message import Message
-from safetensors.torch import save
 
 OptimizationStub = optimization_pb2_grpc.OptimizationServiceStub
 REDIS_URL = os.environ.get("GANSTEER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")

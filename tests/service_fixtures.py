@@ -16,14 +16,15 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
+from torch import nn
+
 from gansteer.tensors import to_tensor_proto
 from gansteer.v1 import common_pb2
 from gansteer_server.config import Settings
 from gansteer_server.models import ModelRegistry
 from gansteer_server.models.architectures.scenes import ScenesClassifier, ScenesDiscriminator, ScenesGenerator
 from gansteer_server.servers.app import RunningService, start_generation_server, start_scoring_server
-from safetensors.torch import save_file
-from torch import nn
 
 GEN, DISC, CLF, CLF_B, UNCOND = "tiny-gen", "tiny-disc", "tiny-clf", "tiny-clf-b", "tiny-uncond"
 LATENT, EMBEDDING, CLASSES, RESOLUTION = 16, 8, 10, 32
@@ -142,7 +143,10 @@ def build_tiny_registry(root: Path) -> ModelRegistry:
         _register_classifier(registry, name, work)
     traced = torch.jit.trace(_Unconditional().eval(), torch.randn(2, LATENT))
     traced.save(str(work / "uncond.pt"))
-    save_file({"mean": torch.full((LATENT,), PRIOR_MEAN), "covariance": torch.eye(LATENT) * PRIOR_STD**2}, str(work / "prior.safetensors"))
+    save_file(
+        {"mean": torch.full((LATENT,), PRIOR_MEAN), "covariance": torch.eye(LATENT) * PRIOR_STD**2},
+        str(work / "prior.safetensors"),
+    )
     registry.register(
         UNCOND,
         {

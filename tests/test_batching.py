@@ -12,14 +12,15 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from service_fixtures import GEN, LATENT, float_tensor, make_settings, running, shared_tiny_registry, status_of
+from torch import Tensor
+
 from gansteer.tensors import from_tensor_proto
 from gansteer.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from gansteer_server.models import ModelRegistry
 from gansteer_server.servers.batching import DynamicBatcher
 from gansteer_server.servers.errors import ServiceError
 from gansteer_server.servers.metrics import ServiceMetrics
-from service_fixtures import GEN, LATENT, float_tensor, make_settings, running, shared_tiny_registry, status_of
-from torch import Tensor
 
 pytestmark = pytest.mark.service
 

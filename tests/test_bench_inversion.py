@@ -13,11 +13,12 @@ from types import ModuleType
 
 import pytest
 import torch
+from safetensors.torch import save
+from torch import nn
+
 from gansteer_server.config import Settings
 from gansteer_server.models import ModelRegistry
 from gansteer_server.models.architectures.scenes import ScenesClassifier, ScenesDiscriminator, ScenesGenerator
-from safetensors.torch import save
-from torch import nn
 
 pytestmark = [pytest.mark.slow, pytest.mark.service, pytest.mark.job]
 

@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from gansteer import tensors
 from PIL import Image
+
+from gansteer import tensors
 
 pytestmark = [pytest.mark.service, pytest.mark.job, pytest.mark.slow]
 

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from gansteer_server.config import BUILTIN_REGISTRY, ConfigError, Settings, settings_markdown, settings_table
 
 

@@ -17,10 +17,6 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from gansteer.tensors import from_tensor_proto
-from gansteer.v1 import common_pb2, generation_pb2, generation_pb2_grpc
-from gansteer_server.config import BUILTIN_REGISTRY
-from gansteer_server.models import ModelRegistry
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from service_fixtures import (
@@ -37,6 +33,11 @@ from service_fixtures import (
     shared_tiny_registry,
     status_of,
 )
+
+from gansteer.tensors import from_tensor_proto
+from gansteer.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from gansteer_server.config import BUILTIN_REGISTRY
+from gansteer_server.models import ModelRegistry
 
 pytestmark = pytest.mark.service
 

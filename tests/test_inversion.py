@@ -10,6 +10,8 @@ import io
 
 import pytest
 import torch
+from torch import Tensor
+
 from gansteer_server.algorithms.inversion import (
     OPTIMIZERS,
     CriterionWeights,
@@ -22,7 +24,6 @@ from gansteer_server.algorithms.inversion import (
 from gansteer_server.algorithms.inversion.metrics import psnr, ssim
 from gansteer_server.algorithms.inversion.optimizers import is_gradient_optimizer
 from gansteer_server.models.architectures.scenes import ScenesClassifier, ScenesDiscriminator, ScenesGenerator
-from torch import Tensor
 
 Z_SIZE, NUM_CLASSES = 16, 5
 GRADIENT = [name for name in OPTIMIZERS if is_gradient_optimizer(name)]

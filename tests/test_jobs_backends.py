@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from job_fixtures import JobStack, build_registry, final_state, inversion_spec, make_settings, watch_all
+
 from gansteer.tensors import from_tensor_proto
 from gansteer.v1 import optimization_pb2
 from gansteer_server.jobs.backends import LocalBackend, RemoteBackend
@@ -20,7 +22,6 @@ from gansteer_server.jobs.kinds import SubmitContext
 from gansteer_server.jobs.worker import start_worker_thread
 from gansteer_server.models import ModelRegistry
 from gansteer_server.servers.app import start_generation_server, start_scoring_server
-from job_fixtures import JobStack, build_registry, final_state, inversion_spec, make_settings, watch_all
 
 pytestmark = [pytest.mark.job, pytest.mark.service]
 S = optimization_pb2

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from job_fixtures import SLEEP, JobStack, SleepSpec, final_state, inversion_spec, wait_for, watch_all
+
 from gansteer.v1 import optimization_pb2
 from gansteer_server.jobs.backends import Backends
 from gansteer_server.jobs.celery_app import create_store
@@ -17,7 +19,6 @@ from gansteer_server.jobs.kinds import encode_spec
 from gansteer_server.jobs.records import ClaimOutcome, JobRecord
 from gansteer_server.jobs.runner import WorkerContext, owner_is_dead, run_segment
 from gansteer_server.jobs.store import JobStore
-from job_fixtures import SLEEP, JobStack, SleepSpec, final_state, inversion_spec, wait_for, watch_all
 
 pytestmark = [pytest.mark.job]
 S = optimization_pb2

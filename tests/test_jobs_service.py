@@ -14,11 +14,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from gansteer.tensors import from_tensor_proto, png_decode
-from gansteer.v1 import common_pb2, optimization_pb2, optimization_pb2_grpc
-from gansteer_server.jobs.records import JobState
-from gansteer_server.jobs.worker import start_worker_thread
-from gansteer_server.servers.errors import error_details
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from job_fixtures import (
     CRASH,
@@ -33,6 +28,12 @@ from job_fixtures import (
     watch_all,
 )
 from PIL import Image
+
+from gansteer.tensors import from_tensor_proto, png_decode
+from gansteer.v1 import common_pb2, optimization_pb2, optimization_pb2_grpc
+from gansteer_server.jobs.records import JobState
+from gansteer_server.jobs.worker import start_worker_thread
+from gansteer_server.servers.errors import error_details
 
 pytestmark = [pytest.mark.job, pytest.mark.service]
 S = optimization_pb2

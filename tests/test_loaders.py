@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
+from torch import Tensor, nn
+
 from gansteer_server.models import (
     CARD_FILE,
     ForwardOnlyError,
@@ -20,7 +22,6 @@ from gansteer_server.models import (
     load_model,
 )
 from gansteer_server.models.architectures import build_architecture, register_architecture
-from torch import Tensor, nn
 
 
 @register_architecture("test_loaders_tiny_generator")

@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
+from torch import Tensor, nn
+
 from gansteer_server.models import (
     CARD_FILE,
     ModelCard,
@@ -21,7 +23,6 @@ from gansteer_server.models import (
     ModelRegistryError,
 )
 from gansteer_server.models.architectures import register_architecture
-from torch import Tensor, nn
 
 
 @register_architecture("test_registry_tiny_classifier")

@@ -65,7 +65,7 @@ def test_classes_are_separable_by_a_tiny_model_in_a_few_steps() -> None:
     )
     optimizer = torch.optim.Adam(model.parameters(), 3e-3)
     x, y = tensor(train.images), torch.from_numpy(train.labels)
-    for step in range(300):
+    for _ in range(300):
         index = torch.randint(0, len(x), (128,))
         loss = F.cross_entropy(model(x[index]), y[index])
         optimizer.zero_grad()
@@ -73,4 +73,3 @@ def test_classes_are_separable_by_a_tiny_model_in_a_few_steps() -> None:
         optimizer.step()
     accuracy = (model(tensor(test.images)).argmax(1) == torch.from_numpy(test.labels)).float().mean()
     assert accuracy > 0.8
-

@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 import torch
+from torch import Tensor, nn
+
 from gansteer_server.algorithms import scorers
 from gansteer_server.algorithms.objectives import COLOURS, filter_ratio
 from gansteer_server.algorithms.scorers import (
@@ -22,7 +24,6 @@ from gansteer_server.algorithms.scorers import (
     validate_params,
 )
 from gansteer_server.models.architectures.scenes import ScenesClassifier, ScenesDiscriminator
-from torch import Tensor, nn
 
 NUM_CLASSES, BINS = 10, 10
 

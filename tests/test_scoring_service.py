@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from google.protobuf import struct_pb2
+from service_fixtures import CLF, DISC, float_tensor, make_settings, running, shared_tiny_registry
+
 from gansteer.tensors import from_tensor_proto, png_encode, to_tensor_proto
 from gansteer.v1 import common_pb2, scoring_pb2, scoring_pb2_grpc
 from gansteer_server.algorithms import scorers
 from gansteer_server.config import BUILTIN_REGISTRY
 from gansteer_server.models import ModelRegistry
-from google.protobuf import struct_pb2
-from service_fixtures import CLF, DISC, float_tensor, make_settings, running, shared_tiny_registry
 
 pytestmark = pytest.mark.service
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
+
 from gansteer import AsyncClient, Client, errors
 from gansteer.types import JobState, ProgressEvent, StateChanged
 from gansteer.v1 import common_pb2, optimization_pb2, optimization_pb2_grpc

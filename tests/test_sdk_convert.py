@@ -8,10 +8,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from PIL import Image
+
 from gansteer import _convert, _specs, errors, tensors
 from gansteer.types import InversionResult, JobState, ModelInfo, ProgressEvent, ResultEvent, StateChanged
 from gansteer.v1 import common_pb2, optimization_pb2
-from PIL import Image
 
 
 def _png_pixels(image: common_pb2.Image) -> np.ndarray:

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from google.protobuf import json_format, message_factory
+
 from gansteer import tensors
 from gansteer.v1 import generation_pb2, optimization_pb2, scoring_pb2
-from google.protobuf import json_format, message_factory
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 PNG = base64.b64encode(tensors.png_encode(np.zeros((4, 4, 3), np.uint8))).decode()

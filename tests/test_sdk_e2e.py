@@ -17,6 +17,8 @@ import grpc
 import numpy as np
 import pytest
 import redis
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from gansteer import (
     Client,
     InvalidArgument,
@@ -32,7 +34,6 @@ from gansteer import (
     tensors,
 )
 from gansteer_server.embedded import Stack, start_stack
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 pytestmark = [pytest.mark.service, pytest.mark.job, pytest.mark.slow]
 

@@ -14,11 +14,6 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from gansteer.tensors import png_encode, to_tensor_proto
-from gansteer.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scoring_pb2, scoring_pb2_grpc
-from gansteer_server.models import ModelRegistry
-from gansteer_server.servers import convert
-from gansteer_server.servers.errors import error_details
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
@@ -34,6 +29,12 @@ from service_fixtures import (
     running,
     shared_tiny_registry,
 )
+
+from gansteer.tensors import png_encode, to_tensor_proto
+from gansteer.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scoring_pb2, scoring_pb2_grpc
+from gansteer_server.models import ModelRegistry
+from gansteer_server.servers import convert
+from gansteer_server.servers.errors import error_details
 
 pytestmark = pytest.mark.service
 MAX_IMAGES, MAX_PIXELS = 16, 64 * 64

@@ -6,9 +6,10 @@ import io
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from gansteer.tensors import from_tensor_proto, png_decode, png_encode, to_tensor_proto
 from gansteer.v1 import common_pb2
-from PIL import Image
 
 WIRE_DTYPES = {
     np.float32: common_pb2.DTYPE_FLOAT32,

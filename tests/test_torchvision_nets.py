@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from gansteer_server.models.architectures import torchvision_nets as tn
 from torch import nn
+
+from gansteer_server.models.architectures import torchvision_nets as tn
 
 FIXTURE = Path(__file__).parent / "fixtures" / "torchvision_state_dict_shapes.json"
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gansteer import Client, InversionResult, Job
-from gansteer.images import SavedInversion, image_grid, save_inversion
 from PIL import Image
 
+from gansteer import Client, InversionResult, Job
+from gansteer.images import SavedInversion, image_grid, save_inversion
 from gansteer_server.embedded import Transport, start_stack
 
 GENERATOR = "scenes-gen"

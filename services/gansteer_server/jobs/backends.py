@@ -20,10 +20,10 @@ from typing import Any, Protocol
 import grpc
 import numpy as np
 import torch
-from gansteer.tensors import from_tensor_proto, to_tensor_proto
 from google.protobuf import struct_pb2
 from torch import Tensor, nn
 
+from gansteer.tensors import from_tensor_proto, to_tensor_proto
 from gansteer_server.config import Settings
 from gansteer_server.models import ModelCard, ModelRegistry
 from gansteer_server.proto import (

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from gansteer.tensors import png_decode
 from google.protobuf.message import Message
 from torch import Tensor
 
+from gansteer.tensors import png_decode
 from gansteer_server.jobs.backends import ModelBackend
 from gansteer_server.jobs.settings import JobSettings
 from gansteer_server.models import ModelCard, ModelNotFound, ModelRegistryError

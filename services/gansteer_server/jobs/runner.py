@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import grpc
 import redis
 import torch
-from gansteer.tensors import from_tensor_proto
 
+from gansteer.tensors import from_tensor_proto
 from gansteer_server.jobs.backends import Backends
 from gansteer_server.jobs.kinds import JobKind, JobRun, StepProgress, decode_spec, get_kind
 from gansteer_server.jobs.records import ClaimOutcome, JobRecord, JobState, LeaseLost, state_event

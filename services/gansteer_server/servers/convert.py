@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from gansteer.tensors import png_encode, to_tensor_proto
 from torch import Tensor
 
+from gansteer.tensors import png_encode, to_tensor_proto
 from gansteer_server.models import ModelCard
 from gansteer_server.proto import common_pb2
 

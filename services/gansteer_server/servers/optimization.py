@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import grpc
 import torch
-from gansteer.tensors import from_tensor_proto
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gansteer.tensors import from_tensor_proto
 from gansteer_server.config import ConfigError, Settings
 from gansteer_server.jobs.celery_app import Jobs
 from gansteer_server.jobs.kinds import SubmitContext, get_kind, kind_names

@@ -21,10 +21,10 @@ from typing import Any
 
 import grpc
 import torch
-from gansteer.tensors import to_tensor_proto
 from google.protobuf import json_format
 from torch import Tensor
 
+from gansteer.tensors import to_tensor_proto
 from gansteer_server.algorithms import scorers
 from gansteer_server.models import ModelCard, ModelNotFound
 from gansteer_server.proto import common_pb2, scoring_pb2, scoring_pb2_grpc

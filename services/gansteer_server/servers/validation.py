@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from gansteer.tensors import from_tensor_proto, png_decode
 from torch import Tensor
 
+from gansteer.tensors import from_tensor_proto, png_decode
 from gansteer_server.models import ModelCard
 from gansteer_server.proto import common_pb2
 from gansteer_server.servers.errors import from_value_error, invalid_argument

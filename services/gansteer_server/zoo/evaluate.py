@@ -18,7 +18,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gansteer_server.algorithms.set_metrics import FeatureSpace, frechet_distance, mean_pairwise_distance, precision_recall
+from gansteer_server.algorithms.set_metrics import (
+    FeatureSpace,
+    frechet_distance,
+    mean_pairwise_distance,
+    precision_recall,
+)
 from gansteer_server.config import BUILTIN_REGISTRY
 from gansteer_server.data.scenes import CLASS_NAMES, render_scenes
 from gansteer_server.models import CARD_FILE, ModelRegistry
@@ -46,7 +51,9 @@ def save_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 2) -> No
     image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
 
 
-def evaluate(registry_root: Path, docs: Path, results: Path, per_class: int = 1000, set_size: int = 5000) -> dict[str, Any]:
+def evaluate(
+    registry_root: Path, docs: Path, results: Path, per_class: int = 1000, set_size: int = 5000
+) -> dict[str, Any]:
     registry = ModelRegistry([registry_root])
     generator = registry.load("scenes-gen")
     classifier, judge, alt = (registry.load(n) for n in ("scenes-clf", "scenes-judge", "scenes-clf-alt"))
@@ -105,7 +112,9 @@ def evaluate(registry_root: Path, docs: Path, results: Path, per_class: int = 10
 
     docs.mkdir(parents=True, exist_ok=True)
     columns = 10
-    save_grid(torch.cat([generate(generator, c, columns, seed=1000 + c) for c in range(10)]), 10, docs / "zoo_generated.png")
+    save_grid(
+        torch.cat([generate(generator, c, columns, seed=1000 + c) for c in range(10)]), 10, docs / "zoo_generated.png"
+    )
     real_grid = torch.cat([real[real_labels == c][:columns] for c in range(10)])
     save_grid(real_grid, 10, docs / "zoo_real.png")
     _write_cards(registry, figures)
@@ -117,7 +126,9 @@ def evaluate(registry_root: Path, docs: Path, results: Path, per_class: int = 10
 
 def _write_cards(registry: ModelRegistry, figures: dict[str, Any]) -> None:
     """Record the figures in each shipped card (the zoo's own folders; registered versions are otherwise immutable)."""
-    generator_keys = [k for k in figures if k not in ("classifier_accuracy", "judge_accuracy", "alt_classifier_accuracy")]
+    generator_keys = [
+        k for k in figures if k not in ("classifier_accuracy", "judge_accuracy", "alt_classifier_accuracy")
+    ]
     updates = {
         "scenes-gen": {k: figures[k] for k in generator_keys},
         "scenes-clf": {"held_out_accuracy": figures["classifier_accuracy"]},
