@@ -9,9 +9,9 @@ Writes `bench/results/serving.json` and prints a table. How each figure is made:
 - grpc_over_inprocess: one client sends batches of b latents (class ids, float32 tensor output) to a generation
   service in its own process, one request after another; images per second through gRPC over images per second of
   the same model called in this process (ids looked up, inference mode, same torch thread count). The service runs
-  with GANSTEER_MAX_DELAY_MS=0, so the ratio is the transport's cost; `..._default_delay` repeats it with the
-  default 5 ms batching wait, which a lone client pays on every request smaller than max_batch. The classifier's
-  figures (Score, `logits`) are in `detail`.
+  with GANSTEER_MAX_DELAY_MS=0; `..._default_delay` repeats it at the default 5 ms delay, which a lone client should
+  not pay (the batcher waits only for as many requests as its previous batch held). The classifier's figures
+  (Score, `logits`) are in `..._classifier` and `detail`.
 - batching_gain_32_clients: 32 concurrent clients (grpc.aio, one process) each asking for one image at a time, for a
   fixed time; throughput with batching on (GANSTEER_MAX_BATCH=64, default 5 ms delay) over batching off
   (GANSTEER_MAX_BATCH=1: one forward pass per request, still on the batcher thread), with p50/p99 latency of each.
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import platform
@@ -258,6 +259,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     registry = ModelRegistry([BUILTIN_REGISTRY])
     models = Models.load(registry, args.generator, args.classifier, args.threads)
+    gc.freeze()  # as the services do: no full collection over torch's objects in the middle of a measurement
     info = machine(args.threads)
     gen_cfg = {"no_delay": {"max_delay_ms": "0"}, "default_delay": {}, "batching_off": {"max_batch": "1"}}
 

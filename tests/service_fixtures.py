@@ -7,8 +7,11 @@ registry once per session however many modules use it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ from gansteer_server.config import Settings
 from gansteer_server.models import ModelRegistry
 from gansteer_server.models.architectures.scenes import ScenesClassifier, ScenesDiscriminator, ScenesGenerator
 from gansteer_server.servers.app import RunningService, start_generation_server, start_scoring_server
+from gansteer_server.servers.batching import RunBatch
 
 GEN, DISC, CLF, CLF_B, UNCOND = "tiny-gen", "tiny-disc", "tiny-clf", "tiny-clf-b", "tiny-uncond"
 LATENT, EMBEDDING, CLASSES, RESOLUTION = 16, 8, 10, 32
@@ -219,6 +223,46 @@ def running(service: str, settings: Settings, **kwargs: Any) -> Iterator[tuple[R
     finally:
         channel.close()
         server.stop(grace=1.0)
+
+
+@dataclass
+class Hold:
+    """A batcher held at its next batch: `entered` is set once a batch waits, `release` lets every batch run."""
+
+    entered: threading.Event
+    release: threading.Event
+
+
+@contextmanager
+def held(server: RunningService, model: str) -> Iterator[Hold]:
+    """Hold the batches of `model` (`name@version`, whose batcher exists: send it one request first) until
+    `release` is set, so that tests can queue requests behind a running batch without relying on timing."""
+    batcher = server.batchers.get(model, _no_batcher)
+    original = batcher._run
+    hold = Hold(threading.Event(), threading.Event())
+
+    def run(key: Hashable, inputs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        hold.entered.set()
+        hold.release.wait(30)
+        return original(key, inputs)
+
+    batcher._run = run
+    try:
+        yield hold
+    finally:
+        hold.release.set()
+        batcher._run = original
+
+
+def _no_batcher() -> RunBatch:
+    raise AssertionError("send the model one request before holding its batcher")
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.002)
 
 
 def float_tensor(array: Any) -> common_pb2.Tensor:

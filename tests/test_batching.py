@@ -12,7 +12,17 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from service_fixtures import GEN, LATENT, float_tensor, make_settings, running, shared_tiny_registry, status_of
+from service_fixtures import (
+    GEN,
+    LATENT,
+    float_tensor,
+    held,
+    make_settings,
+    running,
+    shared_tiny_registry,
+    status_of,
+    wait_until,
+)
 from torch import Tensor
 
 from gansteer.tensors import from_tensor_proto
@@ -23,6 +33,7 @@ from gansteer_server.servers.errors import ServiceError
 from gansteer_server.servers.metrics import ServiceMetrics
 
 pytestmark = pytest.mark.service
+DROPS = ("cancelled", "deadline")
 
 
 @pytest.fixture(scope="session")
@@ -70,16 +81,48 @@ def batcher(run: Recorder, **kwargs: float) -> DynamicBatcher:
     return DynamicBatcher("test", run, metrics=ServiceMetrics("test"), **settings)  # type: ignore[arg-type]
 
 
-def test_concurrent_requests_merge_and_split_back() -> None:
+def test_requests_queued_behind_a_batch_merge_and_split_back() -> None:
     run = Recorder()
+    run.gate.clear()
     merger = batcher(run)
-    with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda i: merger.call("k", [torch.full((1, 2), float(i))]), range(8)))
+    with ThreadPoolExecutor(9) as pool:
+        blocker = pool.submit(merger.call, "k", [torch.zeros(1, 2)])
+        assert run.entered.wait(5)
+        calls = [pool.submit(merger.call, "k", [torch.full((1, 2), float(i))]) for i in range(8)]
+        wait_until(lambda: merger.queued_images == 8)
+        run.gate.set()
+        results = [call.result() for call in calls]
+        blocker.result()
     merger.close()
-    assert run.sizes == [8]  # the eighth image filled the batch before the delay ran out
+    assert run.sizes == [1, 8]
     for i, (doubled, inference) in enumerate(results):
         assert doubled.tolist() == [[2.0 * i, 2.0 * i]]
         assert inference.item() == 1.0  # forward-only runs under torch.inference_mode()
+
+
+def test_a_lone_client_never_waits_and_a_crowd_is_gathered() -> None:
+    run = Recorder()
+    merger = batcher(run, max_delay_s=0.5)
+    started = time.monotonic()
+    merger.call("k", [torch.ones(1, 1)])
+    merger.call("k", [torch.ones(1, 1)])
+    assert time.monotonic() - started < 0.4  # the previous batch held one request: no waiting
+    run.gate.clear()
+    with ThreadPoolExecutor(4) as pool:
+        blocker = pool.submit(merger.call, "k", [torch.ones(1, 1)])
+        assert run.entered.wait(5)
+        crowd = [pool.submit(merger.call, "k", [torch.ones(1, 1)]) for _ in range(3)]
+        wait_until(lambda: merger.queued_images == 3)
+        run.gate.set()
+        [call.result() for call in (blocker, *crowd)]
+    started = time.monotonic()
+    merger.call("k", [torch.ones(1, 1)])  # waits for the crowd of three to come back, at most max_delay
+    assert 0.4 < time.monotonic() - started < 5
+    started = time.monotonic()
+    merger.call("k", [torch.ones(1, 1)])
+    assert time.monotonic() - started < 0.4
+    merger.close()
+    assert run.sizes == [1, 1, 1, 3, 1, 1]
 
 
 def test_different_keys_and_gradient_requests_do_not_merge() -> None:
@@ -126,41 +169,51 @@ def test_a_full_queue_refuses_with_resource_exhausted() -> None:
 
 def test_cancelled_and_expired_requests_never_run() -> None:
     run = Recorder()
-    merger = batcher(run, max_delay_s=0.3, max_batch=64)
+    run.gate.clear()
+    merger = batcher(run)
     metrics = merger._metrics
     assert metrics is not None
     cancelled, expired = FakeContext(), FakeContext(seconds=0.05)
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(3) as pool:
+        blocker = pool.submit(merger.call, "k", [torch.ones(1, 1)])
+        assert run.entered.wait(5)
         first = pool.submit(merger.call, "k", [torch.ones(3, 1)], cancelled)
         second = pool.submit(merger.call, "k", [torch.ones(5, 1)], expired)
-        while merger.queued_images < 8:
-            time.sleep(0.001)
+        wait_until(lambda: merger.queued_images == 8)
         cancelled.cancel()
         with pytest.raises(ServiceError) as stopped:
             first.result()
-        assert stopped.value.code == grpc.StatusCode.CANCELLED
+        assert stopped.value.code == grpc.StatusCode.CANCELLED and merger.queued_images == 5
+        wait_until(lambda: expired.time_remaining() == 0)
+        run.gate.set()
         with pytest.raises(ServiceError) as late:
             second.result()
         assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        blocker.result()
     merger.close()
-    assert run.sizes == []
+    assert run.sizes == [1]
     assert metrics.value("gansteer_dropped_requests_total", model="test", reason="cancelled") == 1
     assert metrics.value("gansteer_dropped_requests_total", model="test", reason="deadline") == 1
 
 
 def test_closing_runs_what_is_queued_then_refuses() -> None:
     run = Recorder()
+    run.gate.clear()
     merger = batcher(run, max_delay_s=10.0)
-    with ThreadPoolExecutor(1) as pool:
-        waiting = pool.submit(merger.call, "k", [torch.ones(1, 1)])
-        while merger.queued_images < 1:
-            time.sleep(0.001)
-        started = time.monotonic()
-        merger.close()
-        assert waiting.result()[0].item() == 2.0 and time.monotonic() - started < 5
-    with pytest.raises(ServiceError) as refused:
-        merger.call("k", [torch.ones(1, 1)])
-    assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+    with ThreadPoolExecutor(3) as pool:
+        blocker = pool.submit(merger.call, "k", [torch.ones(1, 1)])
+        assert run.entered.wait(5)
+        waiting = pool.submit(merger.call, "k", [torch.full((2, 1), 3.0)])
+        wait_until(lambda: merger.queued_images == 2)
+        closing = pool.submit(merger.close)
+        time.sleep(0.05)
+        with pytest.raises(ServiceError) as refused:
+            merger.call("k", [torch.ones(1, 1)])
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        run.gate.set()
+        closing.result(timeout=5)  # did not wait the 10 s delay for the queued batch to fill
+        assert blocker.result()[0].item() == 2.0 and waiting.result()[0].view(-1).tolist() == [6.0, 6.0]
+    assert run.sizes == [1, 2]
 
 
 # --- through gRPC ---------------------------------------------------------------------------------------------------
@@ -178,66 +231,74 @@ def generate(stub: generation_pb2_grpc.GenerationServiceStub, z: Tensor, **kwarg
 
 def test_concurrent_clients_share_batches_with_unbatched_results(tiny_registry: ModelRegistry) -> None:
     latents = torch.randn(12, LATENT, generator=torch.Generator().manual_seed(0))
-    with running("generation", make_settings(tiny_registry, max_batch=12, max_delay_ms=300)) as (server, channel):
+    model = f"{GEN}@1"
+    with running("generation", make_settings(tiny_registry, max_batch=12)) as (server, channel):
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
-        with ThreadPoolExecutor(12) as pool:
-            batched = list(pool.map(lambda i: generate(stub, latents[i : i + 1]), range(12)))
-        metrics = server.metrics
-        batches = metrics.value("gansteer_batch_requests_count", model=f"{GEN}@1")
-        requests = metrics.value("gansteer_batch_requests_sum", model=f"{GEN}@1")
-    assert requests == 12 and batches < 12  # merged: fewer forward passes than requests
+        generate(stub, torch.zeros(1, LATENT))  # loads the model: batch 1
+        with held(server, model) as hold, ThreadPoolExecutor(12) as pool:
+            first = pool.submit(generate, stub, latents[:1])
+            assert hold.entered.wait(10)  # batch 2 runs (held); the others queue behind it
+            rest = [pool.submit(generate, stub, latents[i : i + 1]) for i in range(1, 12)]
+            wait_until(lambda: server.metrics.value("gansteer_queue_images", model=model) == 11)
+            hold.release.set()
+            batched = [call.result() for call in (first, *rest)]
+        assert server.metrics.value("gansteer_batch_requests_count", model=model) == 3
+        assert server.metrics.value("gansteer_batch_requests_sum", model=model) == 13
     with running("generation", make_settings(tiny_registry, max_batch=1)) as (server, channel):
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         alone = [generate(stub, latents[i : i + 1]) for i in range(12)]
-        assert server.metrics.value("gansteer_batch_images_sum", model=f"{GEN}@1") == 12
+        assert server.metrics.value("gansteer_batch_images_sum", model=model) == 12
     np.testing.assert_allclose(np.concatenate(batched), np.concatenate(alone), atol=1e-5)
 
 
 def test_a_full_queue_answers_resource_exhausted_over_grpc(tiny_registry: ModelRegistry) -> None:
-    settings = make_settings(tiny_registry, max_queue=4, max_batch=64, max_delay_ms=400)
-    with running("generation", settings) as (server, channel):
+    model = f"{GEN}@1"
+    with running("generation", make_settings(tiny_registry, max_queue=4)) as (server, channel):
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
-        generate(stub, torch.zeros(1, LATENT))  # load the model first
-        with ThreadPoolExecutor(1) as pool:
+        generate(stub, torch.zeros(1, LATENT))
+        with held(server, model) as hold, ThreadPoolExecutor(2) as pool:
+            running_call = pool.submit(generate, stub, torch.zeros(1, LATENT))
+            assert hold.entered.wait(10)
             filling = pool.submit(generate, stub, torch.zeros(4, LATENT))
-            while server.metrics.value("gansteer_queue_images", model=f"{GEN}@1") < 4:
-                time.sleep(0.001)
+            wait_until(lambda: server.metrics.value("gansteer_queue_images", model=model) == 4)
             code, details = status_of(lambda: generate(stub, torch.zeros(1, LATENT)))
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry later" in details
-            assert filling.result().shape == (4, 3, 32, 32)
+            hold.release.set()
+            assert running_call.result().shape == (1, 3, 32, 32) and filling.result().shape == (4, 3, 32, 32)
 
 
 def test_an_expired_deadline_does_not_run_the_work(tiny_registry: ModelRegistry) -> None:
-    settings = make_settings(tiny_registry, max_delay_ms=400)
-    with running("generation", settings) as (server, channel):
+    model = f"{GEN}@1"
+    with running("generation", make_settings(tiny_registry)) as (server, channel):
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
-        generate(stub, torch.zeros(1, LATENT))  # load the model: one batch
-        metrics, model = server.metrics, f"{GEN}@1"
-        code, _ = status_of(lambda: generate(stub, torch.zeros(2, LATENT), timeout=0.1))
-        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
-        deadline = time.monotonic() + 5
-        while (
-            sum(
-                metrics.value("gansteer_dropped_requests_total", model=model, reason=r)
-                for r in ("cancelled", "deadline")
+        generate(stub, torch.zeros(1, LATENT))
+        metrics = server.metrics
+        with held(server, model) as hold, ThreadPoolExecutor(1) as pool:
+            blocker = pool.submit(generate, stub, torch.zeros(1, LATENT))
+            assert hold.entered.wait(10)
+            code, _ = status_of(lambda: generate(stub, torch.zeros(2, LATENT), timeout=0.1))
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+            wait_until(
+                lambda: sum(metrics.value("gansteer_dropped_requests_total", model=model, reason=r) for r in DROPS) == 1
             )
-            < 1
-        ):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        time.sleep(0.5)  # past the batching delay: had the request stayed queued, it would have run by now
-        assert metrics.value("gansteer_batch_images_sum", model=model) == 1
+            hold.release.set()
+            blocker.result()
+        assert metrics.value("gansteer_batch_images_sum", model=model) == 2  # the warm-up and the blocker only
         assert metrics.value("gansteer_queue_images", model=model) == 0
 
 
 def test_stopping_the_server_finishes_in_flight_batches(tiny_registry: ModelRegistry) -> None:
-    settings = make_settings(tiny_registry, max_delay_ms=300)
-    with running("generation", settings) as (server, channel):
+    model = f"{GEN}@1"
+    with running("generation", make_settings(tiny_registry)) as (server, channel):
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         generate(stub, torch.zeros(1, LATENT))
-        with ThreadPoolExecutor(1) as pool:
-            in_flight = pool.submit(generate, stub, torch.zeros(3, LATENT))
-            while server.metrics.value("gansteer_queue_images", model=f"{GEN}@1") < 3:
-                time.sleep(0.001)
-            server.stop(grace=10)
-            assert in_flight.result().shape == (3, 3, 32, 32)
+        with held(server, model) as hold, ThreadPoolExecutor(3) as pool:
+            running_call = pool.submit(generate, stub, torch.zeros(1, LATENT))
+            assert hold.entered.wait(10)
+            queued = pool.submit(generate, stub, torch.zeros(3, LATENT))
+            wait_until(lambda: server.metrics.value("gansteer_queue_images", model=model) == 3)
+            stopping = pool.submit(server.stop, 10)
+            time.sleep(0.1)
+            hold.release.set()
+            assert running_call.result().shape == (1, 3, 32, 32) and queued.result().shape == (3, 3, 32, 32)
+            stopping.result()

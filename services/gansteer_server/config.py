@@ -225,10 +225,22 @@ class Settings:
         values["auth_disabled"] = _auth_disabled(
             env.get("GANSTEER_AUTH", "").strip(), values["api_keys"], values["host"]
         )
-        known = {variable_name(spec) for spec in fields(cls)}
+        known = {variable_name(spec) for spec in fields(cls)} | CLIENT_VARIABLES
         for name in sorted(n for n in env if n.startswith(ENV_PREFIX) and n not in known):
             logger.warning("ignoring unknown setting %s (see gansteer_server.config.settings_table())", name)
         return cls(**values)
+
+
+# Read by the SDK and CLI (`clients/python/gansteer`), not by the server processes; and the test suite's own.
+CLIENT_VARIABLES = frozenset(
+    {
+        "GANSTEER_TARGET",
+        "GANSTEER_GENERATION_TARGET",
+        "GANSTEER_SCORING_TARGET",
+        "GANSTEER_API_KEY",
+        "GANSTEER_TEST_REDIS_URL",
+    }
+)
 
 
 def variable_name(spec: Field[Any]) -> str:

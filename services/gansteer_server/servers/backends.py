@@ -158,7 +158,9 @@ class ImageInput(nn.Module):
         return images
 
     def forward(self, images: Tensor, *args: Any) -> Tensor:
-        return self._model(self.adapt(images), *args)
+        output = self._model(self.adapt(images), *args)
+        assert isinstance(output, Tensor), "a scorer model returns one tensor"
+        return output
 
     def features(self, images: Tensor) -> dict[str, Tensor]:
         return self._model.features(self.adapt(images))  # type: ignore[union-attr,operator]

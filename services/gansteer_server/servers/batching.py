@@ -1,12 +1,19 @@
 """Dynamic batching (decision 4): concurrent requests for one model are merged into one forward pass.
 
 Each model gets a `DynamicBatcher` with its own worker thread, so inference runs off the gRPC threads. A request
-is a tuple of tensors whose first dimension counts its images. The worker takes the oldest request, waits until
-`max_batch` images of requests with the same merge key are queued or `max_delay` has passed since it arrived,
-concatenates them, runs the model once (in slices of `max_batch` images when one request is larger) and splits the
-outputs back. Requests that were cancelled or passed their deadline while queued are dropped before their batch
-runs. The queue is bounded in images: a request that does not fit is refused with RESOURCE_EXHAUSTED at once.
-Closing the batcher refuses new requests, runs every queued one without waiting, then stops the thread.
+is a tuple of tensors whose first dimension counts its images. The worker takes the oldest request and the later
+ones with the same merge key, concatenates them, runs the model once (in slices of `max_batch` images when one
+request is larger) and splits the outputs back. It closes a batch as soon as one of these holds:
+
+- the batch has `max_batch` images;
+- it has as many requests as the previous batch of this model had: concurrent clients come back together, so
+  waiting for that many gathers them, while a lone client (previous batch: one request) never waits;
+- `max_delay` has passed since its oldest request arrived.
+
+Requests that arrive while a batch runs queue up and form the next one, so batches grow with the load. Requests that
+were cancelled or passed their deadline while queued are dropped before their batch runs. The queue is bounded in
+images: a request that does not fit is refused with RESOURCE_EXHAUSTED at once. Closing the batcher refuses new
+requests, runs every queued one without waiting, then stops the thread.
 """
 
 from __future__ import annotations
@@ -64,6 +71,7 @@ class DynamicBatcher:
         self._metrics = metrics
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued_images = 0
+        self._last_batch_requests = 1
         self._closing = False
         self._condition = threading.Condition()
         self._worker = threading.Thread(target=self._serve, name=f"batcher-{name}", daemon=True)
@@ -150,14 +158,20 @@ class DynamicBatcher:
                         return None
                     self._condition.wait()
                 head = self._queue[0]
-                if not self._closing:
-                    remaining = head.enqueued + self.max_delay_s - time.monotonic()
-                    if remaining > 0 and self._mergeable_images(head) < self.max_batch:
-                        self._condition.wait(remaining)
-                        continue  # the head may have been cancelled meanwhile: look again
+                if not self._closing and not self._ready(head):
+                    self._condition.wait(head.enqueued + self.max_delay_s - time.monotonic())
+                    continue  # the head may have been cancelled meanwhile: look again
                 batch = self._take(head)
+                self._last_batch_requests = len(batch)
                 self._report_queue()
                 return batch
+
+    def _ready(self, head: _Request) -> bool:
+        """Whether the batch of `head` should close now (the rules in the module docstring)."""
+        if time.monotonic() >= head.enqueued + self.max_delay_s:
+            return True
+        mergeable = [r.images for r in self._queue if self._merges(head, r)]
+        return sum(mergeable) >= self.max_batch or len(mergeable) >= self._last_batch_requests
 
     def _take(self, head: _Request) -> list[_Request]:
         batch, total = [head], head.images
@@ -173,9 +187,6 @@ class DynamicBatcher:
     @staticmethod
     def _merges(head: _Request, request: _Request) -> bool:
         return request.grad == head.grad and request.key == head.key
-
-    def _mergeable_images(self, head: _Request) -> int:
-        return sum(r.images for r in self._queue if self._merges(head, r))
 
     def _still_wanted(self, request: _Request) -> bool:
         if time.monotonic() >= request.deadline:
@@ -235,7 +246,7 @@ class BatcherPool:
     """One batcher per model, created on first use with the service's batching settings."""
 
     def __init__(self, *, max_batch: int, max_delay_s: float, max_queue: int, metrics: ServiceMetrics | None) -> None:
-        self._settings = {"max_batch": max_batch, "max_delay_s": max_delay_s, "max_queue": max_queue}
+        self.max_batch, self.max_delay_s, self.max_queue = max_batch, max_delay_s, max_queue
         self._metrics = metrics
         self._batchers: dict[str, DynamicBatcher] = {}
         self._lock = threading.Lock()
@@ -252,7 +263,14 @@ class BatcherPool:
                 return batcher
             if self._closed:
                 raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down", reason="SHUTTING_DOWN")
-            batcher = self._batchers[name] = DynamicBatcher(name, run(), metrics=self._metrics, **self._settings)
+            batcher = self._batchers[name] = DynamicBatcher(
+                name,
+                run(),
+                max_batch=self.max_batch,
+                max_delay_s=self.max_delay_s,
+                max_queue=self.max_queue,
+                metrics=self._metrics,
+            )
             return batcher
 
     def close(self, timeout: float | None = None) -> None:

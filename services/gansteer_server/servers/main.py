@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import signal
@@ -74,6 +75,9 @@ def _serve(service: str, argv: list[str]) -> int:
         torch.set_num_threads(settings.torch_threads)
     start = start_generation_server if service == "generation" else start_scoring_server
     running: RunningService = start(settings)
+    # Move everything imported so far (torch, onnxruntime, grpc: ~180k objects) out of the garbage collector's
+    # reach: a full collection over them paused serving for ~90 ms, which set the p99 latency of batched requests.
+    gc.freeze()
     logging.getLogger(__name__).info(
         "serving %s on %s (torch threads %d)",
         service,
