@@ -73,8 +73,10 @@ class InversionJob(JobKind):
         feature_extractor = None
         if weights.features > 0:
             ref = message.feature_extractor
-            if not ref.name:
-                ref = common_pb2.ModelRef(name=context.settings.default_feature_extractor)
+            if not ref.name:  # the generator card's companion, else the deployment's default
+                paired = generator.extra.get("feature_extractor")
+                name = paired if isinstance(paired, str) and paired else context.settings.default_feature_extractor
+                ref = common_pb2.ModelRef(name=name)
             card = context.model(ref, f"{FIELD}.feature_extractor", ("feature_extractor", "classifier"))
             feature_extractor = card.ref
             if card.resolution:  # compare the statistics at the extractor's own input size

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 SCORING_SERVICE = scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name
 #: gRPC handler threads. A call waiting for its batch holds one, so this bounds how many requests can merge.
+#: Handler threads per server; every WatchJob stream holds one while it waits for events.
 GRPC_THREADS = 128
 #: Seconds a stopping server gives in-flight calls (and their batches) to finish.
 DEFAULT_GRACE_S = 30.0
@@ -109,6 +110,40 @@ def start_scoring_server(
     )
 
 
+def new_grpc_server(name: str, settings: Settings, metrics: ServiceMetrics) -> grpc.Server:
+    """A gRPC server with the shared interceptors (errors, then API keys when auth is on) and message limits: every
+    gansteer service is built by this one function."""
+    interceptors: list[grpc.ServerInterceptor] = [ErrorInterceptor(metrics.observe_call)]
+    if settings.auth_enabled:
+        interceptors.append(ApiKeyInterceptor(settings.api_keys))
+    return grpc.server(
+        futures.ThreadPoolExecutor(max_workers=GRPC_THREADS, thread_name_prefix=f"grpc-{name}"),
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a second server on a taken port fails instead of sharing it
+        ],
+    )
+
+
+def serve_grpc(server: grpc.Server, name: str, service: str, host: str, port: int) -> tuple[int, health.HealthServicer]:
+    """Add health checking and reflection, bind `host:port` (0: any free port), start, report SERVING; returns the
+    bound port and the health servicer (graceful shutdown flips it to NOT_SERVING)."""
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (service, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"the {name} service could not bind {host}:{port}")
+    server.start()
+    for served in ("", service):
+        health_servicer.set(served, health_pb2.HealthCheckResponse.SERVING)
+    return bound, health_servicer
+
+
 def _start(
     name: str,
     service: str,
@@ -119,18 +154,7 @@ def _start(
     add_servicer: Callable[[grpc.Server, ModelStore, BatcherPool, Limits], None],
 ) -> RunningService:
     metrics = ServiceMetrics(name)
-    interceptors: list[grpc.ServerInterceptor] = [ErrorInterceptor(metrics.observe_call)]
-    if settings.auth_enabled:
-        interceptors.append(ApiKeyInterceptor(settings.api_keys))
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=GRPC_THREADS, thread_name_prefix=f"grpc-{name}"),
-        interceptors=interceptors,
-        options=[
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.so_reuseport", 0),  # a second server on a taken port fails instead of sharing it
-        ],
-    )
+    server = new_grpc_server(name, settings, metrics)
     store = ModelStore(
         registry or ModelRegistry(settings.registry_paths),
         settings.onnx_models,
@@ -143,18 +167,8 @@ def _start(
         metrics=metrics,
     )
     add_servicer(server, store, batchers, Limits(settings.max_images_per_request, settings.max_image_pixels))
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (service, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
     host = settings.host
-    bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"the {name} service could not bind {host}:{port}")
-    server.start()
-    for served in ("", service):
-        health_servicer.set(served, health_pb2.HealthCheckResponse.SERVING)
+    bound, health_servicer = serve_grpc(server, name, service, host, port)
     bound_metrics = metrics.serve(metrics_port, host)
     logger.info(
         "%s service on %s:%d (auth %s, max batch %d, max delay %g ms)",

@@ -20,13 +20,11 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
-from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health
 
 from gansteer.tensors import from_tensor_proto
 from gansteer_server.config import ConfigError, Settings
@@ -37,17 +35,15 @@ from gansteer_server.jobs.settings import JobSettings
 from gansteer_server.models import ModelRegistry
 from gansteer_server.proto import common_pb2, optimization_pb2_grpc
 from gansteer_server.proto import optimization_pb2 as opt
-from gansteer_server.servers.auth import ApiKeyInterceptor
+from gansteer_server.servers.app import new_grpc_server, serve_grpc
 from gansteer_server.servers.backends import ModelStore
 from gansteer_server.servers.convert import image_batch
-from gansteer_server.servers.errors import ErrorInterceptor, ServiceError, invalid_argument, not_found
+from gansteer_server.servers.errors import ServiceError, invalid_argument, not_found
 from gansteer_server.servers.metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
 
 OPTIMIZATION_SERVICE = opt.DESCRIPTOR.services_by_name["OptimizationService"].full_name
-#: Handler threads; every WatchJob stream holds one while it waits for events.
-GRPC_THREADS = 128
 DEFAULT_GRACE_S = 10.0
 MAX_PAGE_SIZE = 500
 _WATCH_POLL_MS = 1000
@@ -282,34 +278,12 @@ def start_optimization_server(
     job_settings = settings if isinstance(settings, JobSettings) else JobSettings.create(settings)
     base = job_settings.settings
     metrics = ServiceMetrics("optimization")
-    interceptors: list[grpc.ServerInterceptor] = [ErrorInterceptor(metrics.observe_call)]
-    if base.auth_enabled:
-        interceptors.append(ApiKeyInterceptor(base.api_keys))
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=GRPC_THREADS, thread_name_prefix="grpc-optimization"),
-        interceptors=interceptors,
-        options=[
-            ("grpc.max_send_message_length", base.max_message_bytes),
-            ("grpc.max_receive_message_length", base.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ],
-    )
+    server = new_grpc_server("optimization", base, metrics)
     jobs = Jobs(job_settings)
     catalog = ModelStore(registry or ModelRegistry(base.registry_paths))
     optimization_pb2_grpc.add_OptimizationServiceServicer_to_server(OptimizationServicer(jobs, catalog), server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (OPTIMIZATION_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
     host, port = base.host, base.optimization_port if port is None else port
-    bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"the optimization service could not bind {host}:{port}")
-    server.start()
-    for served in ("", OPTIMIZATION_SERVICE):
-        health_servicer.set(served, health_pb2.HealthCheckResponse.SERVING)
+    bound, health_servicer = serve_grpc(server, "optimization", OPTIMIZATION_SERVICE, host, port)
     bound_metrics = metrics.serve(base.optimization_metrics_port if metrics_port is None else metrics_port, host)
     logger.info(
         "optimization service on %s:%d (auth %s, broker %s)",
