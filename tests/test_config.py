@@ -116,3 +116,20 @@ def test_every_setting_is_documented_once() -> None:
 def test_settings_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         Settings().max_batch = 1  # type: ignore[misc]
+
+
+def test_job_variables_reach_the_job_settings() -> None:
+    from gansteer_server.jobs.settings import JobSettings
+
+    settings = Settings.from_env({"GANSTEER_JOB_SEGMENT_STEPS": "17", "GANSTEER_JOB_MAX_BUDGET": "500"})
+    jobs = JobSettings.create(settings)
+    assert (jobs.segment_steps, jobs.max_budget) == (17, 500)
+    assert JobSettings.create(settings, segment_steps=3).segment_steps == 3  # an explicit override wins
+
+
+def test_segments_longer_than_a_third_of_the_visibility_timeout_are_refused() -> None:
+    from gansteer_server.jobs.settings import JobSettings
+
+    settings = Settings.from_env({"GANSTEER_JOB_SEGMENT_SECONDS": "300", "GANSTEER_BROKER_VISIBILITY_TIMEOUT_S": "600"})
+    with pytest.raises(ValueError, match="visibility_timeout_s"):
+        JobSettings.create(settings)

@@ -174,6 +174,20 @@ class Settings:
         "", _comma_list, "Comma-separated models (`name` or `name@version`) served forward-only by ONNX Runtime."
     )
     job_result_ttl_s: int = _setting("86400", _int_in(1), "Seconds a finished job's record and result are kept.")
+    job_max_budget: int = _setting("100000", _int_in(1), "Largest budget (steps or generator calls) a job may ask for.")
+    job_max_time_limit_s: int = _setting("86400", _int_in(1), "Longest running time a job may ask for, in seconds.")
+    job_segment_steps: int = _setting(
+        "200", _int_in(1), "Steps one worker task runs before it checkpoints and re-enqueues the job."
+    )
+    job_segment_seconds: int = _setting(
+        "30", _int_in(1), "Seconds one worker task runs at most; keep under a third of the visibility timeout."
+    )
+    job_max_deliveries: int = _setting(
+        "3", _int_in(1), "Deliveries of one segment before the job fails (a task that kills its worker each time)."
+    )
+    broker_visibility_timeout_s: int = _setting(
+        "600", _int_in(1), "Seconds before the broker re-delivers an unacknowledged task (a lost worker's)."
+    )
     log_level: str = _setting("INFO", _log_level, "Log level of the server processes.")
 
     @property

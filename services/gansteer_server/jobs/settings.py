@@ -61,8 +61,18 @@ class JobSettings:
 
     @classmethod
     def create(cls, settings: Settings | None = None, **overrides: Any) -> JobSettings:
-        """From `settings` (default: `Settings.from_env()`) and keyword overrides of the fields above."""
-        return cls(settings=settings if settings is not None else Settings.from_env(), **overrides)
+        """From `settings` (default: `Settings.from_env()`: the `GANSTEER_JOB_*` variables) and keyword overrides
+        of the fields above."""
+        settings = settings if settings is not None else Settings.from_env()
+        from_environment = {
+            "max_budget": settings.job_max_budget,
+            "max_time_limit_s": float(settings.job_max_time_limit_s),
+            "segment_steps": settings.job_segment_steps,
+            "segment_seconds": float(settings.job_segment_seconds),
+            "max_deliveries": settings.job_max_deliveries,
+            "visibility_timeout_s": float(settings.broker_visibility_timeout_s),
+        }
+        return cls(settings=settings, **(from_environment | overrides))
 
     def replace(self, **changes: Any) -> JobSettings:
         return dataclasses.replace(self, **changes)

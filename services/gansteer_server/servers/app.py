@@ -32,8 +32,8 @@ logger = logging.getLogger(__name__)
 
 GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 SCORING_SERVICE = scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name
-#: gRPC handler threads. A call waiting for its batch holds one, so this bounds how many requests can merge.
-#: Handler threads per server; every WatchJob stream holds one while it waits for events.
+#: gRPC handler threads per server. A call waiting for its batch holds one, so this bounds how many requests can
+#: merge; every WatchJob stream holds one while it waits for events.
 GRPC_THREADS = 128
 #: Seconds a stopping server gives in-flight calls (and their batches) to finish.
 DEFAULT_GRACE_S = 30.0
