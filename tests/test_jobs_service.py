@@ -105,6 +105,14 @@ def test_inversion_runs_to_its_result_and_events_arrive_in_order(stub: object) -
     assert job.expires_at.seconds > job.finished_at.seconds
 
 
+def test_the_l2_preset_still_reports_the_feature_distance(stub: object) -> None:
+    job_id = submit(stub, inversion_spec(budget=3, criterion="l2", seed=4))
+    watch_all(stub, job_id)  # type: ignore[arg-type]
+    result = stub.GetResult(S.GetResultRequest(job_id=job_id), timeout=10).result  # type: ignore[attr-defined]
+    values = result.item_metrics[0].values
+    assert math.isfinite(values["feature_distance"]) and values["feature_distance"] >= 0
+
+
 def test_a_watcher_that_reconnects_after_an_event_misses_nothing(stack: JobStack, stub: object) -> None:
     job_id = submit_sleep(stack, steps=8, sleep_s=0.02)
     request = S.WatchJobRequest(job_id=job_id)

@@ -70,25 +70,28 @@ class InversionJob(JobKind):
         config = self._config(message, context, generator, len(targets))
         weights = config.criterion_weights
         discriminator = self._discriminator(message, context, generator) if weights.realism > 0 else None
-        feature_extractor = None
-        if weights.features > 0:
-            ref = message.feature_extractor
-            if not ref.name:  # the generator card's companion, else the deployment's default
-                paired = generator.extra.get("feature_extractor")
-                name = paired if isinstance(paired, str) and paired else context.settings.default_feature_extractor
-                ref = common_pb2.ModelRef(name=name)
-            card = context.model(ref, f"{FIELD}.feature_extractor", ("feature_extractor", "classifier"))
-            feature_extractor = card.ref
-            if card.resolution:  # compare the statistics at the extractor's own input size
-                config = dataclasses.replace(config, feature_size=card.resolution)
+        # Loaded even when the criterion gives it no weight: every result reports the feature distance.
+        extractor = self._feature_extractor(message, context, generator)
+        if extractor.resolution:  # compare the statistics at the extractor's own input size
+            config = dataclasses.replace(config, feature_size=extractor.resolution)
         return InversionJobSpec(
             targets=targets,
             generator=generator.ref,
             discriminator=discriminator,
-            feature_extractor=feature_extractor,
+            feature_extractor=extractor.ref,
             config=config,
             backend=_BACKENDS.get(message.backend, ""),
         )
+
+    @staticmethod
+    def _feature_extractor(message: opt.InversionSpec, context: SubmitContext, generator: ModelCard) -> ModelCard:
+        """The spec's feature extractor, else the generator card's companion, else the deployment's default."""
+        ref = message.feature_extractor
+        if not ref.name:
+            paired = generator.extra.get("feature_extractor")
+            name = paired if isinstance(paired, str) and paired else context.settings.default_feature_extractor
+            ref = common_pb2.ModelRef(name=name)
+        return context.model(ref, f"{FIELD}.feature_extractor", ("feature_extractor", "classifier"))
 
     @staticmethod
     def _discriminator(message: opt.InversionSpec, context: SubmitContext, generator: ModelCard) -> str:
