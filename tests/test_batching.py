@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -28,7 +28,7 @@ from torch import Tensor
 from gansteer.tensors import from_tensor_proto
 from gansteer.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from gansteer_server.models import ModelRegistry
-from gansteer_server.servers.batching import DynamicBatcher
+from gansteer_server.servers.batching import BatcherPool, DynamicBatcher
 from gansteer_server.servers.errors import ServiceError
 from gansteer_server.servers.metrics import ServiceMetrics
 
@@ -100,14 +100,31 @@ def test_requests_queued_behind_a_batch_merge_and_split_back() -> None:
         assert inference.item() == 1.0  # forward-only runs under torch.inference_mode()
 
 
+def in_thread(merger: DynamicBatcher, *args: object) -> Future[list[Tensor]]:
+    """`merger.call(*args)` on a daemon thread: a call the batcher never answers cannot hang the test run."""
+    future: Future[list[Tensor]] = Future()
+
+    def call() -> None:
+        try:
+            future.set_result(merger.call(*args))  # type: ignore[arg-type]
+        except BaseException as error:
+            future.set_exception(error)
+
+    threading.Thread(target=call, daemon=True).start()
+    return future
+
+
 def test_a_lone_client_never_waits_and_a_crowd_is_gathered() -> None:
+    # The delay is far longer than any of these steps take even on a loaded machine: a batch that closed on the
+    # delay instead of on its request count would show as a call taking 30 s, not as a few tenths of a second.
     run = Recorder()
-    merger = batcher(run, max_delay_s=0.5)
+    merger = batcher(run, max_delay_s=30.0)
     started = time.monotonic()
     merger.call("k", [torch.ones(1, 1)])
     merger.call("k", [torch.ones(1, 1)])
-    assert time.monotonic() - started < 0.4  # the previous batch held one request: no waiting
+    assert time.monotonic() - started < 10  # the previous batch held one request: no waiting for the delay
     run.gate.clear()
+    run.entered.clear()  # set by the calls above: wait for the blocker itself to reach the gate
     with ThreadPoolExecutor(4) as pool:
         blocker = pool.submit(merger.call, "k", [torch.ones(1, 1)])
         assert run.entered.wait(5)
@@ -115,14 +132,25 @@ def test_a_lone_client_never_waits_and_a_crowd_is_gathered() -> None:
         wait_until(lambda: merger.queued_images == 3)
         run.gate.set()
         [call.result() for call in (blocker, *crowd)]
+    assert run.sizes == [1, 1, 1, 3]
+    # The crowd of three comes back one by one: the first waits for the other two, then all three run at once.
     started = time.monotonic()
-    merger.call("k", [torch.ones(1, 1)])  # waits for the crowd of three to come back, at most max_delay
-    assert 0.4 < time.monotonic() - started < 5
+    first = in_thread(merger, "k", [torch.ones(1, 1)])
+    wait_until(lambda: merger.queued_images == 1)
+    time.sleep(0.3)  # time it would have run in, were it not waiting
+    assert not first.done() and merger.queued_images == 1 and run.sizes == [1, 1, 1, 3]
+    rest = [in_thread(merger, "k", [torch.ones(1, 1)]) for _ in range(2)]
+    [call.result(timeout=10) for call in (first, *rest)]
+    assert time.monotonic() - started < 10 and run.sizes == [1, 1, 1, 3, 3]
+    # A client left alone runs after the delay (shortened here); from then on it never waits.
+    merger.max_delay_s = 0.2
+    merger.call("k", [torch.ones(1, 1)])
+    merger.max_delay_s = 30.0
     started = time.monotonic()
     merger.call("k", [torch.ones(1, 1)])
-    assert time.monotonic() - started < 0.4
+    assert time.monotonic() - started < 10
     merger.close()
-    assert run.sizes == [1, 1, 1, 3, 1, 1]
+    assert run.sizes == [1, 1, 1, 3, 3, 1, 1]
 
 
 def test_different_keys_and_gradient_requests_do_not_merge() -> None:
@@ -147,6 +175,72 @@ def test_a_request_larger_than_max_batch_runs_in_slices() -> None:
     merger.close()
     assert run.sizes == [4, 4, 2]
     assert doubled.view(-1).tolist() == [2.0 * i for i in range(10)]
+
+
+class OneRow(Recorder):
+    """A broken model: its first output has one row whatever the batch size (an export with a fixed batch of 1)."""
+
+    def __call__(self, key: Hashable, inputs: Sequence[Tensor]) -> list[Tensor]:
+        doubled, inference = super().__call__(key, inputs)
+        return [doubled[:1], inference]
+
+
+def test_outputs_without_a_row_per_image_fail_their_batch_and_the_batcher_goes_on() -> None:
+    run = OneRow()
+    run.gate.clear()
+    merger = batcher(run)
+    blocker = in_thread(merger, "k", [torch.ones(1, 1)])
+    assert run.entered.wait(5)
+    merged = [in_thread(merger, "k", [torch.ones(1, 1)]) for _ in range(2)]
+    wait_until(lambda: merger.queued_images == 2)
+    run.gate.set()
+    assert blocker.result(timeout=10)[0].tolist() == [[2.0]]
+    for call in merged:
+        error = call.exception(timeout=10)
+        assert isinstance(error, ServiceError)
+        assert error.code == grpc.StatusCode.FAILED_PRECONDITION and error.reason == "BROKEN_MODEL"
+        assert error.field == "model" and "test returned output 0 of shape (1, 1) for a batch of 2" in error.message
+    assert in_thread(merger, "k", [torch.full((1, 1), 4.0)]).result(timeout=10)[0].tolist() == [[8.0]]
+    merger.close()
+    assert run.sizes == [1, 2, 1]
+
+
+class FailingMetrics(ServiceMetrics):
+    def observe_batch(self, model: str, images: int, requests: int, seconds: float) -> None:
+        raise RuntimeError("metrics broke")
+
+
+def test_an_unexpected_error_after_the_forward_pass_does_not_stop_the_batcher() -> None:
+    run = Recorder()
+    merger = DynamicBatcher("test", run, max_batch=8, max_delay_s=0.2, max_queue=64, metrics=FailingMetrics("test"))
+    for value in (1.0, 2.0):  # each batch's results are set before the metrics fail
+        assert in_thread(merger, "k", [torch.full((1, 1), value)]).result(timeout=10)[0].tolist() == [[2 * value]]
+    merger.close()
+    assert run.sizes == [1, 1]
+
+
+def test_a_model_loading_holds_up_only_its_own_callers() -> None:
+    pool = BatcherPool(max_batch=8, max_delay_s=0.2, max_queue=64, metrics=None)
+    loading, release = threading.Event(), threading.Event()
+    loads: list[str] = []
+
+    def slow_load() -> Recorder:
+        loads.append("a")
+        loading.set()
+        release.wait(10)
+        return Recorder()
+
+    with ThreadPoolExecutor(3) as threads:
+        first = threads.submit(pool.get, "a", slow_load)
+        assert loading.wait(5)
+        second = threads.submit(pool.get, "a", slow_load)
+        other = threads.submit(pool.get, "b", Recorder)
+        assert other.result(timeout=5).call("k", [torch.ones(1, 1)])[0].item() == 2.0  # while "a" still loads
+        assert not first.done() and not second.done()
+        release.set()
+        assert first.result(timeout=10) is second.result(timeout=10)
+    assert loads == ["a"]  # one load, one batcher per model
+    pool.close()
 
 
 def test_a_full_queue_refuses_with_resource_exhausted() -> None:
@@ -206,7 +300,7 @@ def test_closing_runs_what_is_queued_then_refuses() -> None:
         waiting = pool.submit(merger.call, "k", [torch.full((2, 1), 3.0)])
         wait_until(lambda: merger.queued_images == 2)
         closing = pool.submit(merger.close)
-        time.sleep(0.05)
+        wait_until(lambda: merger._closing)
         with pytest.raises(ServiceError) as refused:
             merger.call("k", [torch.ones(1, 1)])
         assert refused.value.code == grpc.StatusCode.UNAVAILABLE

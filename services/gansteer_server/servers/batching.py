@@ -145,9 +145,13 @@ class DynamicBatcher:
             batch = self._next_batch()
             if batch is None:
                 return
-            live = [r for r in batch if self._still_wanted(r)]
-            if live:
-                self._run_batch(live)
+            try:
+                live = [r for r in batch if self._still_wanted(r)]
+                if live:
+                    self._run_batch(live)
+            except Exception as error:  # a bug here must not end the thread: later calls would hang
+                logger.exception("batcher %s failed a batch of %d requests", self.name, len(batch))
+                self._fail(batch, error)
 
     def _next_batch(self) -> list[_Request] | None:
         """Wait for a batch: the oldest request plus later ones with its merge key, up to `max_batch` images."""
@@ -204,23 +208,28 @@ class DynamicBatcher:
 
     def _run_batch(self, batch: list[_Request]) -> None:
         start = time.perf_counter()
+        rows = [r.images for r in batch]
         try:
             outputs = self._forward(batch)
+            if len(batch) == 1:
+                batch[0].future.set_result(list(outputs))
+            else:
+                pieces = [torch.split(output, rows) for output in outputs]
+                for index, request in enumerate(batch):
+                    request.future.set_result([piece[index] for piece in pieces])
         except BaseException as error:  # handed to every waiting call; the error interceptor reports it
-            for request in batch:
-                request.future.set_exception(error)
+            self._fail(batch, error)
             if not isinstance(error, Exception):
                 raise
             return
-        rows = [r.images for r in batch]
-        if len(batch) == 1:
-            batch[0].future.set_result(list(outputs))
-        else:
-            pieces = [torch.split(output, rows) for output in outputs]
-            for index, request in enumerate(batch):
-                request.future.set_result([piece[index] for piece in pieces])
         if self._metrics is not None:
             self._metrics.observe_batch(self.name, sum(rows), len(batch), time.perf_counter() - start)
+
+    @staticmethod
+    def _fail(batch: list[_Request], error: BaseException) -> None:
+        for request in batch:
+            if not request.future.done():  # dropped, cancelled or already answered ones keep their outcome
+                request.future.set_exception(error)
 
     def _forward(self, batch: list[_Request]) -> list[Tensor]:
         head = batch[0]
@@ -230,12 +239,31 @@ class DynamicBatcher:
         total = sum(r.images for r in batch)
         with torch.inference_mode(not head.grad):
             if total <= self.max_batch:
-                return list(self._run(head.key, inputs))
+                return self._run_checked(head.key, inputs, total)
             slices = [
-                self._run(head.key, [x[i : i + self.max_batch] for x in inputs])
+                self._run_checked(head.key, [x[i : i + self.max_batch] for x in inputs], min(self.max_batch, total - i))
                 for i in range(0, total, self.max_batch)
             ]
             return [torch.cat(parts) for parts in zip(*slices, strict=True)]
+
+    def _run_checked(self, key: Hashable, inputs: list[Tensor], images: int) -> list[Tensor]:
+        """`run` on `images` merged images; refuses outputs without one row per image (they cannot be split back).
+
+        FAILED_PRECONDITION, not INTERNAL: the request is fine and the server code is not at fault; the model as
+        installed (a user's ONNX or TorchScript export, say one with a fixed batch size) cannot serve it, which the
+        operator fixes, as with the other BROKEN_MODEL errors.
+        """
+        outputs = list(self._run(key, inputs))
+        for index, output in enumerate(outputs):
+            if output.dim() == 0 or output.shape[0] != images:
+                raise ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{self.name} returned output {index} of shape {tuple(output.shape)} for a batch of {images} "
+                    "images; every output needs one row per image along its first dimension",
+                    "model",
+                    "BROKEN_MODEL",
+                )
+        return outputs
 
     def _report_queue(self) -> None:
         if self._metrics is not None:
@@ -249,6 +277,7 @@ class BatcherPool:
         self.max_batch, self.max_delay_s, self.max_queue = max_batch, max_delay_s, max_queue
         self._metrics = metrics
         self._batchers: dict[str, DynamicBatcher] = {}
+        self._loading: dict[str, threading.Lock] = {}  # one per model being loaded
         self._lock = threading.Lock()
         self._closed = False
 
@@ -258,20 +287,30 @@ class BatcherPool:
         if batcher is not None:
             return batcher  # the common case takes no lock, so one model loading does not hold up the others
         with self._lock:
+            self._refuse_if_closed()
+            loading = self._loading.setdefault(name, threading.Lock())
+        # The model loads under its own lock: its other callers wait for it, the callers of other models do not.
+        with loading:
             batcher = self._batchers.get(name)
             if batcher is not None:
-                return batcher
-            if self._closed:
-                raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down", reason="SHUTTING_DOWN")
-            batcher = self._batchers[name] = DynamicBatcher(
-                name,
-                run(),
-                max_batch=self.max_batch,
-                max_delay_s=self.max_delay_s,
-                max_queue=self.max_queue,
-                metrics=self._metrics,
-            )
+                return batcher  # another caller loaded it meanwhile
+            built = run()
+            with self._lock:
+                self._refuse_if_closed()  # close() must see every batcher it has to stop
+                batcher = self._batchers[name] = DynamicBatcher(
+                    name,
+                    built,
+                    max_batch=self.max_batch,
+                    max_delay_s=self.max_delay_s,
+                    max_queue=self.max_queue,
+                    metrics=self._metrics,
+                )
+                del self._loading[name]
             return batcher
+
+    def _refuse_if_closed(self) -> None:
+        if self._closed:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down", reason="SHUTTING_DOWN")
 
     def close(self, timeout: float | None = None) -> None:
         """Drain every batcher (each runs what is queued) and stop its thread."""
