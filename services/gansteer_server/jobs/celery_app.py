@@ -8,6 +8,10 @@
   (`gansteer.job.<kind>`), routed to its kind's queue.
 - JSON only: a task message is `[job_id, segment]`; pickle is never accepted.
 - Every key Celery writes starts with `<key_prefix>celery:`, so deployments (and tests) sharing a Redis stay apart.
+- A task that meets a Redis error (any `redis.RedisError`: a lost connection, OOM, READONLY, ...) or a broker that
+  refuses a message (`EnqueueFailed`) gives its lease up and is retried with backoff (`max_retries`). A task that
+  cannot be retried (its retries ran out, the retry message could not be sent, or an unexpected error escaped it)
+  fails its job, so no job is left RUNNING without a task message.
 """
 
 from __future__ import annotations
@@ -16,24 +20,29 @@ import logging
 import os
 import threading
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import redis
 import torch
 from celery import Celery, Task
+from celery.exceptions import Retry
+from celery.utils.time import get_exponential_backoff_interval
 from kombu import Exchange, Queue
 from kombu.exceptions import OperationalError
 
 from gansteer_server.jobs.backends import Backends
 from gansteer_server.jobs.kinds import QUEUES, JobKind, encode_spec, get_kind, kind_names
 from gansteer_server.jobs.records import JobRecord
-from gansteer_server.jobs.runner import WorkerContext, run_segment
+from gansteer_server.jobs.runner import EnqueueFailed, WorkerContext, run_segment
 from gansteer_server.jobs.settings import JobSettings
 from gansteer_server.jobs.store import JobStore
 
 logger = logging.getLogger(__name__)
 
 TASK_PREFIX = "gansteer.job."
+# Errors that end a task but leave its job fine: the same segment runs again later (the lease and the checkpoint make
+# that safe). Anything else a task lets out is unexpected: its job fails.
+_RETRYABLE = (redis.RedisError, EnqueueFailed)
 
 
 def task_name(kind: str) -> str:
@@ -212,13 +221,49 @@ def _register_task(app: Celery, jobs: Jobs, kind: JobKind) -> None:
         name=task_name(kind.name),
         bind=True,
         shared=False,  # each app (service, workers, tests' in-thread workers) runs its own Jobs' settings
-        # Redis unreachable mid-segment: the same segment again later (the lease is this worker's, so it resumes).
-        autoretry_for=(redis.ConnectionError, redis.TimeoutError),
-        retry_backoff=True,
-        retry_backoff_max=60,
-        max_retries=20,
+        max_retries=20,  # with backoff up to 60 s: about a quarter of an hour of Redis or broker trouble
     )
     def run(task: Task, job_id: str, segment: int) -> str:
-        outcome = run_segment(jobs.worker_context(), job_id, int(segment))
+        context, segment = jobs.worker_context(), int(segment)
+        try:
+            outcome = run_segment(context, job_id, segment)
+        except _RETRYABLE as error:
+            _retry(task, context, job_id, segment, error)
+        except Exception as error:
+            _give_up(context, job_id, segment, error)
+            raise
         logger.info("job %s segment %d: %s", job_id, segment, outcome)
         return outcome
+
+
+def _retry(task: Task, context: WorkerContext, job_id: str, segment: int, error: Exception) -> NoReturn:
+    """Retry the task after a Redis or broker error; fail the job when it cannot be retried."""
+    try:
+        # So the retry (or a re-delivery) claims at once and counts no delivery; when Redis still fails, the
+        # lease lapses, or this worker's next try takes it back.
+        context.store.release(job_id, context.lease_owner)
+    except Exception:
+        logger.debug("job %s: could not release the lease before a retry", job_id, exc_info=True)
+    countdown = get_exponential_backoff_interval(factor=1, retries=task.request.retries, maximum=60, full_jitter=True)
+    logger.warning(
+        "job %s segment %d: %s: %s; retried in %d s", job_id, segment, type(error).__name__, error, countdown
+    )
+    try:
+        raise task.retry(exc=error, countdown=countdown)
+    except Retry:
+        raise
+    except Exception:  # the retries ran out (the error itself) or the retry message could not be sent (Reject)
+        _give_up(context, job_id, segment, error)
+        raise
+
+
+def _give_up(context: WorkerContext, job_id: str, segment: int, error: BaseException) -> None:
+    """Fail the job of a task that ends without retrying, unless another task still carries it (JobStore.abort)."""
+    message = f"the task of segment {segment} failed and is not retried: {type(error).__name__}: {error}"
+    try:
+        failed = context.store.abort(job_id, message, "TASK_ERROR", segment=segment, owner=context.lease_owner)
+    except Exception:
+        logger.exception("job %s: its task gave up and the job could not be marked failed", job_id)
+        return
+    if failed:
+        logger.error("job %s failed: %s", job_id, message, exc_info=error)

@@ -16,6 +16,10 @@ How a job survives failure:
   resumes from the checkpoint of the segment's start: the step counter never restarts from zero.
 - **Delivery cap.** Deliveries are counted per segment in the record; past `max_deliveries` the job fails, so a task
   that kills its worker every time is not re-queued forever (celery #9082).
+- **Transient errors.** A model service briefly unavailable: the segment gives its lease up and is queued again
+  later, at most `MAX_SEGMENT_RETRIES` times, then the job fails. Redis errors and a broker that refuses a task
+  message (`EnqueueFailed`) end the task, which Celery retries (see `celery_app`); a task that gives up fails the
+  job. Neither kind of retry counts as a delivery or reads as a lost worker.
 - **Cancel** is a flag in the record, checked before every step (`revoke(terminate=True)` does nothing on the solo
   and thread pools, celery #5929). **Time limit**: the job's running seconds, summed over segments, checked before
   every step; a job past it fails with its best result so far kept.
@@ -40,6 +44,7 @@ from dataclasses import dataclass
 import grpc
 import redis
 import torch
+from kombu.exceptions import OperationalError
 
 from gansteer.tensors import from_tensor_proto
 from gansteer_server.jobs.backends import Backends
@@ -54,8 +59,15 @@ logger = logging.getLogger(__name__)
 
 #: (record, segment, countdown seconds): sends the job's next task message.
 Enqueue = Callable[[JobRecord, int, float], None]
-# Errors of a model service that a later delivery may not meet; the segment is retried (the delivery cap bounds it).
+# Errors of a model service that a later try may not meet; the segment is queued again, after 2, 4, ... 60 s.
 _TRANSIENT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
+#: Transient retries of one segment before the job fails (about six minutes of backoff in all).
+MAX_SEGMENT_RETRIES = 10
+
+
+class EnqueueFailed(Exception):
+    """A task message could not be sent (the broker failed for a moment). The task is retried: the lease and the
+    checkpoint make running its segment again safe."""
 
 
 @dataclass
@@ -94,6 +106,13 @@ def owner_is_dead(owner: str) -> bool:
     return False
 
 
+def _send(context: WorkerContext, record: JobRecord, segment: int, countdown: float) -> None:
+    try:
+        context.enqueue(record, segment, countdown)
+    except (OperationalError, OSError, redis.RedisError) as error:
+        raise EnqueueFailed(f"segment {segment} of job {record.id} could not be queued: {error}") from error
+
+
 def run_segment(context: WorkerContext, job_id: str, segment: int) -> str:
     """Run one segment of a job; returns what happened (for logs and tests): a ClaimOutcome value, `segment` (the
     next one is queued), a final state, or `lease_lost`."""
@@ -101,7 +120,7 @@ def run_segment(context: WorkerContext, job_id: str, segment: int) -> str:
     claim = store.claim(job_id, segment, context.lease_owner, settings.lease_s, settings.max_deliveries, owner_is_dead)
     if claim.outcome is ClaimOutcome.HELD:
         assert claim.record is not None
-        context.enqueue(claim.record, segment, claim.retry_after_s + 0.05)
+        _send(context, claim.record, segment, claim.retry_after_s + 0.05)
         return claim.outcome.value
     if claim.outcome is not ClaimOutcome.RUN:
         if claim.outcome is ClaimOutcome.OVER_CAP:
@@ -135,7 +154,7 @@ class _Segment:
                 message = f"resumed at step {job_run.steps} after a lost worker (delivery {deliveries})"
                 self.store.append_event(self.job_id, state_event(JobState.RUNNING, JobState.RUNNING, message))
             return self._loop(job_run)
-        except (LeaseLost, redis.RedisError):
+        except (LeaseLost, redis.RedisError, EnqueueFailed):
             raise  # stand down / let Celery retry the task: the job itself is fine
         except grpc.RpcError as error:
             if error.code() in _TRANSIENT_CODES:  # type: ignore[attr-defined]
@@ -207,7 +226,7 @@ class _Segment:
     def _next_segment(self, job_run: JobRun, run_seconds: float) -> str:
         buffer = io.BytesIO()
         torch.save(job_run.state_dict(), buffer)
-        self.context.enqueue(self.record, self.segment + 1, 0.0)
+        _send(self.context, self.record, self.segment + 1, 0.0)
         self.store.advance(self.job_id, self.owner, self.segment, buffer.getvalue(), run_seconds)
         return "segment"
 
@@ -234,15 +253,20 @@ class _Segment:
         logger.info("job %s %s at segment %d", self.job_id, state.value, self.segment)
         return state.value
 
-    def _fail(self, error: BaseException) -> str:
+    def _fail(self, error: BaseException, reason: str = "JOB_ERROR", context: str = "") -> str:
         logger.error("job %s failed", self.job_id, exc_info=error)
-        message = f"{type(error).__name__}: {error}"
-        self.store.finish(self.job_id, self.owner, JobState.FAILED, message=message, reason="JOB_ERROR")
+        message = f"{context}{type(error).__name__}: {error}"
+        self.store.finish(self.job_id, self.owner, JobState.FAILED, message=message, reason=reason)
         return JobState.FAILED.value
 
     def _retry_later(self, error: BaseException) -> str:
-        delay = min(60.0, 2.0**self.record.segment_deliveries)
+        """Queue the segment again later, releasing the lease: a retry, not a delivery (see JobStore.claim)."""
+        retries = self.store.segment_retries(self.job_id)
+        if retries >= MAX_SEGMENT_RETRIES:
+            context = f"segment {self.segment} still failing after {retries} retries: "
+            return self._fail(error, reason="SERVICE_UNAVAILABLE", context=context)
+        delay = min(60.0, 2.0 ** (retries + 1))
         logger.warning("job %s: %s; segment %d again in %.0f s", self.job_id, error, self.segment, delay)
         self.store.release(self.job_id, self.owner)
-        self.context.enqueue(self.record, self.segment, delay)
+        _send(self.context, self.record, self.segment, delay)
         return "retry"

@@ -3,6 +3,7 @@
 Key layout (every key starts with `JobSettings.key_prefix`, `gansteer:` by default):
 
     job:{id}              hash    the record: kind, owner, state, step, lease, deliveries, cancel flag, ...
+                                  (plus `retry_pending` and `segment_retries`, the store's own, see `release`)
     job:{id}:spec         hash    `proto` (the JobSpec as submitted) and `state` (the validated spec, torch.save)
     job:{id}:events       stream  one entry per JobEvent (field `e`: the serialized event), MAXLEN ~ capped
     job:{id}:checkpoint   string  the run's state_dict at the last segment boundary (torch.save, tensors only)
@@ -91,39 +92,48 @@ class JobStore:
         idempotency_key: str = "",
     ) -> tuple[JobRecord, bool]:
         """Store a new queued job and its first event; returns (record, existing). With an idempotency key the
-        caller already used, nothing is stored and the earlier job is returned with existing=True."""
+        caller already used, nothing is stored and the earlier job is returned with existing=True.
+
+        The idempotency key and the job it names are written in one transaction (watching the key), so a key is
+        never seen without its job: two submissions racing on one key create one job, and a key whose job is gone
+        names an expired job and is taken over."""
         job_id = new_job_id()
         idem_key = self.idempotency_key(owner, idempotency_key) if idempotency_key else ""
-        if idem_key and not self.client.set(idem_key, job_id, nx=True):
-            earlier = self.client.get(idem_key)
-            record = self.get(earlier.decode()) if earlier is not None else None
-            if record is not None:
-                return record, True
-            self.client.set(idem_key, job_id)  # the earlier job expired: the key is free again
-        now = time.time()
-        record = JobRecord(
-            id=job_id,
-            kind=kind,
-            owner=owner,
-            state=JobState.QUEUED,
-            queue=queue,
-            priority=priority,
-            time_limit_s=time_limit_s,
-            preview_every=preview_every,
-            labels=dict(labels or {}),
-            total_steps=total_steps,
-            created=now,
-            updated=now,
-            idempotency_key=idem_key,
-        )
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self.job_key(job_id), mapping={k: encode_field(v) for k, v in record.__dict__.items()})
-        pipe.hset(self.spec_key(job_id), mapping={"proto": spec_proto, "state": spec_state})
-        pipe.zadd(self.index_key(None), {job_id: 0})
-        pipe.zadd(self.index_key(owner), {job_id: 0})
-        self._xadd(pipe, job_id, state_event(JobState.QUEUED, None))
-        pipe.execute()
-        return record, False
+
+        def write(pipe: redis.client.Pipeline) -> tuple[JobRecord, bool]:
+            if idem_key:
+                earlier = pipe.get(idem_key)
+                data = pipe.hgetall(self.job_key(earlier.decode())) if earlier is not None else None
+                if data:
+                    return JobRecord.from_hash(data), True
+            now = time.time()
+            record = JobRecord(
+                id=job_id,
+                kind=kind,
+                owner=owner,
+                state=JobState.QUEUED,
+                queue=queue,
+                priority=priority,
+                time_limit_s=time_limit_s,
+                preview_every=preview_every,
+                labels=dict(labels or {}),
+                total_steps=total_steps,
+                created=now,
+                updated=now,
+                idempotency_key=idem_key,
+            )
+            pipe.multi()
+            if idem_key:
+                pipe.set(idem_key, job_id)
+            pipe.hset(self.job_key(job_id), mapping={k: encode_field(v) for k, v in record.__dict__.items()})
+            pipe.hset(self.spec_key(job_id), mapping={"proto": spec_proto, "state": spec_state})
+            pipe.zadd(self.index_key(None), {job_id: 0})
+            pipe.zadd(self.index_key(owner), {job_id: 0})
+            self._xadd(pipe, job_id, state_event(JobState.QUEUED, None))
+            return record, False
+
+        watches = [idem_key] if idem_key else []
+        return self.client.transaction(write, *watches, value_from_callable=True)
 
     def get(self, job_id: str) -> JobRecord | None:
         data = self.client.hgetall(self.job_key(job_id))
@@ -160,8 +170,11 @@ class JobStore:
             pipe.execute()
 
     def request_cancel(self, job_id: str, reason: str) -> JobRecord | None:
-        """Set the cancel flag. A queued job, or one whose worker's lease lapsed, is cancelled at once; a running
-        one by its worker before its next step (keeping the best result so far). A finished job is left as is."""
+        """Set the cancel flag. A running job is cancelled by its worker before its next step, keeping the best
+        result so far. A queued job, or one whose worker's lease lapsed (the worker died), is cancelled here at once
+        and has **no result**: no worker holds its state, the checkpoint is only a run's internal state (the service
+        runs no model to turn it into a result), and it is deleted like every ended job's. A finished job is left
+        as is."""
 
         def cancel(pipe: redis.client.Pipeline) -> JobRecord | None:
             data = pipe.hgetall(self.job_key(job_id))
@@ -183,18 +196,29 @@ class JobStore:
         self.client.transaction(cancel, self.job_key(job_id), value_from_callable=True)
         return self.get(job_id)
 
-    def abort(self, job_id: str, message: str, reason: str) -> None:
-        """Fail a job that no worker holds (its first task could not be sent)."""
+    def abort(self, job_id: str, message: str, reason: str, *, segment: int | None = None, owner: str = "") -> bool:
+        """Fail a job that no worker holds: its first task could not be sent, or (with `segment`) the task of that
+        segment, run by `owner`, ended in an error it could not retry. With `segment` the job is left alone when
+        another task still carries it: the job moved past the segment (this task was a stale copy), or another
+        worker holds a live lease. Returns whether the job was failed."""
 
-        def fail(pipe: redis.client.Pipeline) -> None:
+        def fail(pipe: redis.client.Pipeline) -> bool:
             data = pipe.hgetall(self.job_key(job_id))
-            if not data or JobRecord.from_hash(data).state.terminal:
-                return
+            if not data:
+                return False
+            record = JobRecord.from_hash(data)
+            if record.state.terminal:
+                return False
             now = _redis_time(pipe)
+            if segment is not None:
+                held = record.lease_owner not in ("", owner) and record.lease_expiry > now
+                if held or record.segment > segment:
+                    return False
             pipe.multi()
-            self._queue_finish(pipe, JobRecord.from_hash(data), JobState.FAILED, now, message=message, reason=reason)
+            self._queue_finish(pipe, record, JobState.FAILED, now, message=message, reason=reason)
+            return True
 
-        self.client.transaction(fail, self.job_key(job_id))
+        return self.client.transaction(fail, self.job_key(job_id), value_from_callable=True)
 
     def find_idempotent(self, owner: str, key: str) -> JobRecord | None:
         """The job an earlier submission with this idempotency key created, while it is kept."""
@@ -233,6 +257,10 @@ class JobStore:
         A lease held by a worker that `is_dead` (same host, pid gone) is taken over at once instead of waiting for
         it to expire. A message for a later segment than the record's is accepted: its predecessor enqueued it and
         died before advancing the record, and the checkpoint is the state to continue from either way.
+
+        A transient retry of the segment (its lease given up by `release`, or still held by this same `owner`,
+        whose previous task of the segment ended in an error it retries) is not counted as a delivery and is not
+        `resumed`: the delivery cap and the "lost worker" event are for workers that died.
         """
 
         def attempt(pipe: redis.client.Pipeline) -> Claim:
@@ -249,7 +277,11 @@ class JobStore:
             if held and not is_dead(record.lease_owner):
                 return Claim(ClaimOutcome.HELD, record, retry_after_s=min(record.lease_expiry - now, lease_s / 3))
             same_segment = segment == record.segment
-            deliveries = record.segment_deliveries + 1 if same_segment else 1
+            retried = same_segment and (data.get(b"retry_pending") == b"1" or record.lease_owner == owner)
+            if retried:
+                deliveries = max(1, record.segment_deliveries)
+            else:
+                deliveries = record.segment_deliveries + 1 if same_segment else 1
             pipe.multi()
             if deliveries > max_deliveries:
                 message = (
@@ -270,8 +302,9 @@ class JobStore:
                 updates |= {"state": JobState.RUNNING, "started": now}
                 self._xadd(pipe, job_id, state_event(JobState.RUNNING, JobState.QUEUED))
             pipe.hset(self.job_key(job_id), mapping={k: encode_field(v) for k, v in updates.items()})
+            pipe.hdel(self.job_key(job_id), "retry_pending")
             claimed = JobRecord(**(record.__dict__ | updates))
-            return Claim(ClaimOutcome.RUN, claimed, resumed=same_segment and deliveries > 1)
+            return Claim(ClaimOutcome.RUN, claimed, resumed=same_segment and deliveries > 1 and not retried)
 
         return self.client.transaction(attempt, self.job_key(job_id), value_from_callable=True)
 
@@ -329,11 +362,14 @@ class JobStore:
                 "updated": time.time(),
             }
             pipe.hset(self.job_key(job_id), mapping={k: encode_field(v) for k, v in updates.items()})
+            pipe.hdel(self.job_key(job_id), "retry_pending", "segment_retries")
 
         self.client.transaction(write, self.job_key(job_id))
 
     def release(self, job_id: str, owner: str) -> None:
-        """Give the lease up (a segment to be retried later); nothing when it is no longer ours."""
+        """Give the lease up for a transient retry of the segment (a model service or Redis failed for a moment);
+        nothing when it is no longer ours. The next claim of the segment is then no new delivery (`claim`), and
+        `segment_retries` counts the retry (until the segment completes)."""
 
         def write(pipe: redis.client.Pipeline) -> None:
             try:
@@ -341,9 +377,14 @@ class JobStore:
             except LeaseLost:
                 return
             pipe.multi()
-            pipe.hset(self.job_key(job_id), mapping={"lease_owner": "", "lease_expiry": "0"})
+            pipe.hset(self.job_key(job_id), mapping={"lease_owner": "", "lease_expiry": "0", "retry_pending": "1"})
+            pipe.hincrby(self.job_key(job_id), "segment_retries", 1)
 
         self.client.transaction(write, self.job_key(job_id))
+
+    def segment_retries(self, job_id: str) -> int:
+        """How many times the job's current segment was released for a transient retry."""
+        return int(self.client.hget(self.job_key(job_id), "segment_retries") or 0)
 
     def finish(
         self,

@@ -101,7 +101,9 @@ class OptimizationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelJob(self, request, context):
-        """Asks a job to stop; the worker checks the flag every step. Cancelling a finished job changes nothing.
+        """Asks a job to stop. A running job is stopped by its worker before its next step and keeps its best result so
+        far (GetResult returns it); a queued job, or one whose worker died (its lease lapsed), is cancelled at once and
+        keeps no result. Cancelling a finished job changes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -115,8 +117,8 @@ class OptimizationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetResult(self, request, context):
-        """The result of a succeeded job; FAILED_PRECONDITION while the job has not succeeded, NOT_FOUND once the result
-        has expired.
+        """The result of a finished job: a succeeded one, or a cancelled or timed-out one with its best result so far;
+        FAILED_PRECONDITION while the job runs or when it kept no result, NOT_FOUND once the result has expired.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
