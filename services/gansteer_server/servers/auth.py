@@ -7,6 +7,7 @@ secret; reflection does not, since it lists the whole API.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -42,15 +43,34 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
         values = [value for key, value in metadata if key == "authorization"]
         if not values:
             return "missing `authorization: Bearer <key>` metadata"
-        value = values[0] if isinstance(values[0], str) else values[0].decode("latin-1")
-        if not value.lower().startswith(_SCHEME):
+        key = bearer_key(metadata)
+        if key is None:
             return "the authorization metadata must read `Bearer <key>`"
-        key = value[len(_SCHEME) :].strip().encode()
         # Compare against every key in constant time, so timing says nothing about which prefix matched.
         matched = False
         for known in self._keys:
             matched |= hmac.compare_digest(key, known)
         return None if matched else "unknown API key"
+
+
+def bearer_key(metadata: Iterable[tuple[str, Any]]) -> bytes | None:
+    """The key of the first `authorization: Bearer <key>` metadata entry, or None when there is none."""
+    for name, value in metadata:
+        if name == "authorization":
+            text = value if isinstance(value, str) else value.decode("latin-1")
+            return text[len(_SCHEME) :].strip().encode() if text.lower().startswith(_SCHEME) else None
+    return None
+
+
+def caller_id(context: grpc.ServicerContext, auth_enabled: bool) -> str:
+    """The owner of the calling API key, a short hash of it (the interceptor has checked the key); "" with auth
+    off. Jobs are recorded under it, so a caller lists and reads only its own."""
+    if not auth_enabled:
+        return ""
+    key = bearer_key(context.invocation_metadata() or ())
+    if key is None:
+        raise ServiceError(grpc.StatusCode.UNAUTHENTICATED, "missing API key", "authorization", "UNAUTHENTICATED")
+    return f"key-{hashlib.sha256(key).hexdigest()[:16]}"
 
 
 def _refuse(problem: str, streaming: bool) -> Callable[..., Any]:

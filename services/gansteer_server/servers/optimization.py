@@ -12,7 +12,6 @@ With auth off there is one owner, the empty one, and every job is visible.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import math
 import re
@@ -36,6 +35,7 @@ from gansteer_server.models import ModelRegistry
 from gansteer_server.proto import common_pb2, optimization_pb2_grpc
 from gansteer_server.proto import optimization_pb2 as opt
 from gansteer_server.servers.app import new_grpc_server, serve_grpc
+from gansteer_server.servers.auth import caller_id
 from gansteer_server.servers.backends import ModelStore
 from gansteer_server.servers.convert import image_batch
 from gansteer_server.servers.errors import ServiceError, invalid_argument, not_found
@@ -52,18 +52,6 @@ _JOB_ID = re.compile(r"[0-9a-f]{24}")
 _STATES = {state.proto: state for state in JobState}
 
 
-def caller(context: grpc.ServicerContext, settings: Settings) -> str:
-    """The owner of the calling API key: a short hash of it (the interceptor has checked it); "" with auth off."""
-    if not settings.auth_enabled:
-        return ""
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
-            token = value if isinstance(value, str) else value.decode("latin-1")
-            digest = hashlib.sha256(token.split(None, 1)[-1].strip().encode()).hexdigest()
-            return f"key-{digest[:16]}"
-    raise ServiceError(grpc.StatusCode.UNAUTHENTICATED, "missing API key", "authorization")
-
-
 class OptimizationServicer(optimization_pb2_grpc.OptimizationServiceServicer):
     """Validation and translation around `Jobs` (submission) and `JobStore` (records, events, results)."""
 
@@ -74,7 +62,7 @@ class OptimizationServicer(optimization_pb2_grpc.OptimizationServiceServicer):
     # --- helpers ----------------------------------------------------------------------------------------------
 
     def _owner(self, context: grpc.ServicerContext) -> str:
-        return caller(context, self.settings.settings)
+        return caller_id(context, self.settings.settings.auth_enabled)
 
     def _record(self, job_id: str, context: grpc.ServicerContext) -> tuple[JobRecord, str]:
         """The caller's job and its newest event id; NOT_FOUND for unknown, expired or another caller's jobs."""
