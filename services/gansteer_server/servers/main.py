@@ -1,5 +1,6 @@
-"""Console entry points `gansteer-generation` and `gansteer-scoring`: one service per process, configured by the
-`GANSTEER_*` environment (see `gansteer_server.config`), JSON logs on stderr, graceful stop on SIGTERM or SIGINT."""
+"""Console entry points `gansteer-generation`, `gansteer-scoring` and `gansteer-optimization`: one service per
+process, configured by the `GANSTEER_*` environment (see `gansteer_server.config`), JSON logs on stderr, graceful
+stop on SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
@@ -46,6 +47,14 @@ def configure_logging(level: str) -> None:
     root.setLevel(level)
 
 
+def _start(service: str, settings: Settings) -> RunningService | Any:
+    if service == "optimization":  # imported here: the jobs API pulls in Celery, which the model services do not need
+        from gansteer_server.servers.optimization import start_optimization_server
+
+        return start_optimization_server(settings)
+    return (start_generation_server if service == "generation" else start_scoring_server)(settings)
+
+
 def generation() -> None:
     """`gansteer-generation`: the generation service."""
     sys.exit(_serve("generation", sys.argv[1:]))
@@ -54,6 +63,11 @@ def generation() -> None:
 def scoring() -> None:
     """`gansteer-scoring`: the scoring service."""
     sys.exit(_serve("scoring", sys.argv[1:]))
+
+
+def optimization() -> None:
+    """`gansteer-optimization`: the optimization service (the jobs API)."""
+    sys.exit(_serve("optimization", sys.argv[1:]))
 
 
 def _serve(service: str, argv: list[str]) -> int:
@@ -73,8 +87,7 @@ def _serve(service: str, argv: list[str]) -> int:
     configure_logging(settings.log_level)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    start = start_generation_server if service == "generation" else start_scoring_server
-    running: RunningService = start(settings)
+    running = _start(service, settings)
     # Move everything imported so far (torch, onnxruntime, grpc: ~180k objects) out of the garbage collector's
     # reach: a full collection over them paused serving for ~90 ms, which set the p99 latency of batched requests.
     gc.freeze()

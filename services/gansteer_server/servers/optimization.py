@@ -11,13 +11,9 @@ With auth off there is one owner, the empty one, and every job is visible.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import re
-import signal
-import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -26,7 +22,7 @@ import torch
 from grpc_health.v1 import health
 
 from gansteer.tensors import from_tensor_proto
-from gansteer_server.config import ConfigError, Settings
+from gansteer_server.config import Settings
 from gansteer_server.jobs.celery_app import Jobs
 from gansteer_server.jobs.kinds import SubmitContext, get_kind, kind_names
 from gansteer_server.jobs.records import JobRecord, JobState
@@ -282,27 +278,3 @@ def start_optimization_server(
         extra={"service": "optimization", "port": bound, "metrics_port": bound_metrics},
     )
     return RunningOptimizationService(server, bound, host, jobs, metrics, bound_metrics, health_servicer)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`gansteer-optimization`: the optimization service, until SIGTERM or SIGINT."""
-    from gansteer_server.servers.main import configure_logging
-
-    parser = argparse.ArgumentParser(
-        prog="gansteer-optimization", description="Run gansteer's optimization service (the jobs API)."
-    )
-    parser.add_argument("--grace", type=float, default=DEFAULT_GRACE_S, help="seconds to finish in-flight calls")
-    args = parser.parse_args(argv)
-    try:
-        settings = Settings.from_env()
-    except ConfigError as error:
-        print(f"gansteer-optimization: {error}", file=sys.stderr)
-        sys.exit(2)
-    configure_logging(settings.log_level)
-    running = start_optimization_server(settings)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    while not stop.wait(3600):
-        pass
-    running.stop(args.grace)
