@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -143,6 +143,19 @@ def ref_text(ref: common_pb2.ModelRef) -> str:
 
 def state_to_proto(state: JobState | str) -> int:
     return _STATE_PROTOS[JobState(state)]
+
+
+def list_jobs_request(
+    *, page_size: int, page_token: str, states: Sequence[JobState | str], kind: str, labels: Mapping[str, str] | None
+) -> optimization_pb2.ListJobsRequest:
+    """One page's ListJobs request; shared by the blocking and the asyncio client."""
+    return optimization_pb2.ListJobsRequest(
+        page_size=page_size,
+        page_token=page_token,
+        states=[state_to_proto(s) for s in states],  # type: ignore[misc]
+        kind=kind,
+        labels=dict(labels or {}),
+    )
 
 
 # --- outputs ------------------------------------------------------------------------------------------------------

@@ -232,12 +232,8 @@ class AsyncClient:
     ) -> AsyncIterator[JobStatus]:
         token, seen = "", 0
         while True:
-            request = optimization_pb2.ListJobsRequest(
-                page_size=page_size,
-                page_token=token,
-                states=[_convert.state_to_proto(s) for s in states],  # type: ignore[misc]
-                kind=kind,
-                labels=dict(labels or {}),
+            request = _convert.list_jobs_request(
+                page_size=page_size, page_token=token, states=states, kind=kind, labels=labels
             )
             response = await self._call(self._optimization.ListJobs, request, target=self.target)
             for job in response.jobs:

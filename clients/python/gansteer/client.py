@@ -278,12 +278,8 @@ class Client:
         """The caller's jobs, newest first, fetched a page at a time as the iterator advances."""
         token, seen = "", 0
         while True:
-            request = optimization_pb2.ListJobsRequest(
-                page_size=page_size,
-                page_token=token,
-                states=[_convert.state_to_proto(s) for s in states],  # type: ignore[misc]
-                kind=kind,
-                labels=dict(labels or {}),
+            request = _convert.list_jobs_request(
+                page_size=page_size, page_token=token, states=states, kind=kind, labels=labels
             )
             response = self._call(self._optimization.ListJobs, request, target=self.target)
             for job in response.jobs:
