@@ -29,8 +29,8 @@ from gansteer.tensors import from_tensor_proto
 from gansteer.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from gansteer_server.models import ModelRegistry
 from gansteer_server.servers.batching import BatcherPool, DynamicBatcher
-from gansteer_server.servers.errors import ServiceError
 from gansteer_server.servers.metrics import ServiceMetrics
+from gansteer_server.wire.errors import ServiceError
 
 pytestmark = pytest.mark.service
 DROPS = ("cancelled", "deadline")

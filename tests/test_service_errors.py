@@ -33,8 +33,8 @@ from service_fixtures import (
 from gansteer.tensors import png_encode, to_tensor_proto
 from gansteer.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scoring_pb2, scoring_pb2_grpc
 from gansteer_server.models import ModelRegistry
-from gansteer_server.servers import convert
 from gansteer_server.servers.errors import error_details
+from gansteer_server.wire import convert
 
 pytestmark = pytest.mark.service
 MAX_IMAGES, MAX_PIXELS = 16, 64 * 64

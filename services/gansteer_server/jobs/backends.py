@@ -18,14 +18,13 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import grpc
-import numpy as np
 import torch
 from google.protobuf import struct_pb2
 from torch import Tensor, nn
 
-from gansteer.tensors import from_tensor_proto, to_tensor_proto
 from gansteer_server.config import Settings
 from gansteer_server.models import ModelCard, ModelRegistry
+from gansteer_server.models.store import ImageInput, ModelStore, model_to_wire
 from gansteer_server.proto import (
     common_pb2,
     generation_pb2,
@@ -33,7 +32,7 @@ from gansteer_server.proto import (
     scoring_pb2,
     scoring_pb2_grpc,
 )
-from gansteer_server.servers.backends import ImageInput, ModelStore, model_to_wire
+from gansteer_server.wire.convert import float_tensor, torch_tensor
 
 BACKENDS = ("local", "remote")
 
@@ -129,14 +128,6 @@ class LocalBackend:
 # --- remote ----------------------------------------------------------------------------------------------------
 
 
-def _tensor(values: Tensor) -> common_pb2.Tensor:
-    return to_tensor_proto(values.detach().cpu().numpy().astype(np.float32, copy=False))
-
-
-def _torch(proto: common_pb2.Tensor, field: str) -> Tensor:
-    return torch.from_numpy(from_tensor_proto(proto, field=field, copy=True))
-
-
 def _model_ref(ref: str) -> common_pb2.ModelRef:
     return common_pb2.ModelRef(name=ref)
 
@@ -146,7 +137,7 @@ def _condition(condition: Tensor | None) -> common_pb2.ClassCondition | None:
         return None
     if condition.dtype in (torch.int64, torch.int32):
         return common_pb2.ClassCondition(class_ids=common_pb2.ClassIds(ids=condition.tolist()))
-    return common_pb2.ClassCondition(embeddings=_tensor(condition))
+    return common_pb2.ClassCondition(embeddings=float_tensor(condition))
 
 
 class _Connection:
@@ -206,28 +197,30 @@ class RemoteGenerator:
         parts = []
         for part in self.connection.chunks(len(z)):
             request = generation_pb2.GenerateRequest(
-                model=_model_ref(self.card.ref), latents=_tensor(z[part]), format=common_pb2.IMAGE_FORMAT_TENSOR
+                model=_model_ref(self.card.ref), latents=float_tensor(z[part]), format=common_pb2.IMAGE_FORMAT_TENSOR
             )
             wire_condition = _condition(condition[part] if condition is not None else None)
             if wire_condition is not None:
                 request.condition.CopyFrom(wire_condition)
             reply = self.connection.call(self.connection.generation.Generate, request)
-            parts.append(_torch(reply.images.tensor, "images.tensor"))
+            parts.append(torch_tensor(reply.images.tensor, "images.tensor"))
         return torch.cat(parts).to(z.dtype)
 
     def vjp(self, z: Tensor, condition: Tensor | None, grad_images: Tensor) -> tuple[Tensor, Tensor | None]:
         grads_z, grads_e = [], []
         for part in self.connection.chunks(len(z)):
             request = generation_pb2.BackwardRequest(
-                model=_model_ref(self.card.ref), latents=_tensor(z[part]), grad_images=_tensor(grad_images[part])
+                model=_model_ref(self.card.ref),
+                latents=float_tensor(z[part]),
+                grad_images=float_tensor(grad_images[part]),
             )
             wire_condition = _condition(condition[part] if condition is not None else None)
             if wire_condition is not None:
                 request.condition.CopyFrom(wire_condition)
             reply = self.connection.call(self.connection.generation.Backward, request)
-            grads_z.append(_torch(reply.grad_latents, "grad_latents"))
+            grads_z.append(torch_tensor(reply.grad_latents, "grad_latents"))
             if reply.grad_class_embeddings.shape:
-                grads_e.append(_torch(reply.grad_class_embeddings, "grad_class_embeddings"))
+                grads_e.append(torch_tensor(reply.grad_class_embeddings, "grad_class_embeddings"))
         return torch.cat(grads_z).to(z.dtype), (torch.cat(grads_e).to(z.dtype) if grads_e else None)
 
     def class_embeddings(self) -> Tensor | None:
@@ -238,12 +231,12 @@ class RemoteGenerator:
             count = self.card.num_classes
             request = generation_pb2.GenerateRequest(
                 model=_model_ref(self.card.ref),
-                latents=_tensor(torch.zeros(count, self.card.latent_size or 0)),
+                latents=float_tensor(torch.zeros(count, self.card.latent_size or 0)),
                 condition=common_pb2.ClassCondition(class_ids=common_pb2.ClassIds(ids=list(range(count)))),
                 format=common_pb2.IMAGE_FORMAT_TENSOR,
             )
             reply = self.connection.call(self.connection.generation.Generate, request)
-            self._table = _torch(reply.class_embeddings, "class_embeddings")
+            self._table = torch_tensor(reply.class_embeddings, "class_embeddings")
         return self._table
 
 
@@ -291,9 +284,9 @@ class RemoteDiscriminator:
             params.update({"class_id": class_id})
         output = scoring_pb2.OutputRequest(output="realism", model=_model_ref(self.card.ref), params=params)
         term = scoring_pb2.ObjectiveTerm(output=output, weight=1)
-        request = scoring_pb2.ScoreGradRequest(images=common_pb2.ImageBatch(tensor=_tensor(images)), terms=[term])
+        request = scoring_pb2.ScoreGradRequest(images=common_pb2.ImageBatch(tensor=float_tensor(images)), terms=[term])
         reply = self.connection.call(self.connection.scoring.ScoreGrad, request)
-        return _torch(reply.values, "values"), _torch(reply.grad_images, "grad_images")
+        return torch_tensor(reply.values, "values"), torch_tensor(reply.grad_images, "grad_images")
 
 
 class RemoteBackend:

@@ -33,8 +33,8 @@ from gansteer_server.jobs.settings import JobSettings
 from gansteer_server.models import ModelCard
 from gansteer_server.proto import common_pb2
 from gansteer_server.proto import optimization_pb2 as opt
-from gansteer_server.servers.convert import float_tensor
-from gansteer_server.servers.errors import invalid_argument
+from gansteer_server.wire.convert import float_tensor
+from gansteer_server.wire.errors import invalid_argument
 
 FIELD = "spec.inversion"
 _BACKENDS = {opt.BACKEND_UNSPECIFIED: "", opt.BACKEND_LOCAL: "local", opt.BACKEND_REMOTE: "remote"}

@@ -28,14 +28,13 @@ import torch
 from google.protobuf.message import Message
 from torch import Tensor
 
-from gansteer.tensors import png_decode
 from gansteer_server.jobs.backends import ModelBackend
 from gansteer_server.jobs.settings import JobSettings
 from gansteer_server.models import ModelCard, ModelNotFound, ModelRegistryError
 from gansteer_server.proto import common_pb2
 from gansteer_server.proto import optimization_pb2 as opt
-from gansteer_server.servers import validation
-from gansteer_server.servers.errors import from_value_error, invalid_argument, not_found
+from gansteer_server.wire import validation
+from gansteer_server.wire.errors import invalid_argument, not_found
 
 #: Queues by resource: model work and light work can go to different workers (`gansteer-worker --queues gpu`).
 GPU_QUEUE = "gpu"
@@ -72,31 +71,10 @@ class SubmitContext:
         return card
 
     def image(self, image: common_pb2.Image, field: str, channels: int = 3) -> Tensor:
-        """One Image (PNG or tensor) as float [channels, H, W] in [-1, 1]; grey is repeated to `channels`, alpha
-        dropped; empty, undecodable, non-finite or over-large images (the server's pixel limit) are refused."""
-        max_pixels = self.settings.settings.max_image_pixels
-        which = image.WhichOneof("content")
-        if which == "png":
-            try:
-                pixels = png_decode(image.png, field=f"{field}.png", max_pixels=max_pixels)
-            except ValueError as error:
-                raise from_value_error(error, "BAD_PNG") from None
-            values = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1
-        elif which == "tensor":
-            values = torch.from_numpy(validation.float_images(image.tensor, f"{field}.tensor", batched=False))
-        else:
-            raise invalid_argument(field, "an image needs `png` or `tensor`", "EMPTY_IMAGE")
-        height, width = values.shape[-2:]
-        if height * width == 0 or height * width > max_pixels:
-            raise invalid_argument(
-                field, f"{width}x{height} pixels; expected 1 to {max_pixels} (this server's limit)", "BAD_IMAGE_SIZE"
-            )
-        if values.shape[0] == 1 and channels != 1:
-            values = values.expand(channels, -1, -1)
-        if values.shape[0] != channels:
-            message = f"{values.shape[0]} channels; expected {channels} (or 1 for grey)"
-            raise invalid_argument(field, message, "BAD_CHANNELS")
-        return values.contiguous()
+        """One Image (PNG or tensor) as float [channels, H, W] in [-1, 1], within the server's pixel limit."""
+        settings = self.settings.settings
+        limits = validation.Limits(max_images=settings.max_images_per_request, max_pixels=settings.max_image_pixels)
+        return validation.image(image, field, limits, channels=channels)
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ from gansteer_server.jobs.records import ClaimOutcome, JobRecord, JobState, Leas
 from gansteer_server.jobs.settings import JobSettings
 from gansteer_server.jobs.store import JobStore
 from gansteer_server.proto import optimization_pb2 as opt
-from gansteer_server.servers.convert import image_batch
+from gansteer_server.wire.convert import image_batch
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from gansteer_server.models.card import (
     LatentPrior,
     ModelCard,
 )
-from gansteer_server.models.errors import ModelNotFound, ModelRegistryError
+from gansteer_server.models.errors import ModelNotFound, ModelRegistryError, ModelUnavailable
 from gansteer_server.models.loaders import LoadedModel, load_latent_prior, load_model, verify_model_files
 from gansteer_server.models.onnx_model import ForwardOnlyError, OnnxModel
 from gansteer_server.models.registry import (
@@ -30,6 +30,7 @@ __all__ = [
     "ModelNotFound",
     "ModelRegistry",
     "ModelRegistryError",
+    "ModelUnavailable",
     "OnnxModel",
     "load_latent_prior",
     "load_model",

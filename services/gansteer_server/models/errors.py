@@ -30,3 +30,12 @@ class ModelRegistryError(Exception):
 
 class ModelNotFound(ModelRegistryError):
     """A reference (`name` or `name@version`) that no registry root holds."""
+
+
+class ModelUnavailable(Exception):
+    """A model that exists but cannot serve this use: listed for ONNX without an export, or stored as ONNX only
+    when gradients are needed. `reason` is a stable code (`NO_ONNX_EXPORT`, `FORWARD_ONLY`)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        self.message, self.reason = message, reason
+        super().__init__(message)

@@ -18,15 +18,15 @@ from grpc_reflection.v1alpha import reflection
 
 from gansteer_server.config import Settings
 from gansteer_server.models import ModelRegistry
+from gansteer_server.models.store import ModelStore
 from gansteer_server.proto import generation_pb2, generation_pb2_grpc, scoring_pb2, scoring_pb2_grpc
 from gansteer_server.servers.auth import ApiKeyInterceptor
-from gansteer_server.servers.backends import ModelStore
 from gansteer_server.servers.batching import BatcherPool
 from gansteer_server.servers.errors import ErrorInterceptor
 from gansteer_server.servers.generation import GenerationServicer
 from gansteer_server.servers.metrics import ServiceMetrics
 from gansteer_server.servers.scoring import ScoringServicer
-from gansteer_server.servers.validation import Limits
+from gansteer_server.wire.validation import Limits
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ from typing import Any
 
 import grpc
 
-from gansteer_server.servers.errors import ServiceError, wrap_handler
+from gansteer_server.servers.errors import wrap_handler
+from gansteer_server.wire.errors import ServiceError
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 _SCHEME = "bearer "

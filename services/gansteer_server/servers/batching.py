@@ -30,8 +30,8 @@ import grpc
 import torch
 from torch import Tensor
 
-from gansteer_server.servers.errors import ServiceError
 from gansteer_server.servers.metrics import ServiceMetrics
+from gansteer_server.wire.errors import ServiceError
 
 logger = logging.getLogger(__name__)
 

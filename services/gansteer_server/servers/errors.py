@@ -1,10 +1,10 @@
-"""The services' one exception type and the interceptor that turns it into a gRPC status.
+"""The interceptor that turns the shared `ServiceError` (`wire/errors.py`) into a gRPC status.
 
 A servicer raises `ServiceError(code, message, field)`; the interceptor answers with that status, the field in
 front of the message (`latents.data: has 12 bytes, ...`) and an `ErrorDetails` message in the trailing metadata key
-`gansteer-error-details-bin` (common.proto). Errors of the layers below (an unknown model, a bad scorer parameter)
-are translated here once, so servicers do not repeat the mapping. Anything else is a bug: INTERNAL, with the
-traceback logged under an id the client sees, and the server keeps serving.
+`gansteer-error-details-bin` (common.proto). Errors of the layers below are translated once (`wire.errors.translate`).
+Anything else is a bug: INTERNAL, with the traceback logged under an id the client sees, and the server keeps
+serving.
 """
 
 from __future__ import annotations
@@ -17,81 +17,14 @@ from typing import Any
 
 import grpc
 
-from gansteer_server.algorithms import scorers
-from gansteer_server.models import ModelNotFound, ModelRegistryError
 from gansteer_server.proto import common_pb2
+from gansteer_server.wire.errors import ServiceError, translate
 
 logger = logging.getLogger(__name__)
 
 ERROR_DETAILS_KEY = "gansteer-error-details-bin"
 # Observer of every finished call: (full method name, status code, seconds).
 CallObserver = Callable[[str, grpc.StatusCode, float], None]
-
-_DEFAULT_REASONS = {
-    grpc.StatusCode.INVALID_ARGUMENT: "INVALID_ARGUMENT",
-    grpc.StatusCode.NOT_FOUND: "NOT_FOUND",
-    grpc.StatusCode.RESOURCE_EXHAUSTED: "RESOURCE_EXHAUSTED",
-    grpc.StatusCode.FAILED_PRECONDITION: "FAILED_PRECONDITION",
-    grpc.StatusCode.UNAUTHENTICATED: "UNAUTHENTICATED",
-    grpc.StatusCode.UNAVAILABLE: "UNAVAILABLE",
-    grpc.StatusCode.CANCELLED: "CANCELLED",
-    grpc.StatusCode.DEADLINE_EXCEEDED: "DEADLINE_EXCEEDED",
-}
-
-
-class ServiceError(Exception):
-    """A request the service refuses: the gRPC status code, a sentence for a person and the request field at
-    fault (a path like `condition.class_ids.ids[3]`; empty when no one field is), plus a stable `reason` code."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, field: str = "", reason: str = "") -> None:
-        self.code = code
-        self.message = message
-        self.field = field
-        self.reason = reason or _DEFAULT_REASONS.get(code, code.name)
-        super().__init__(self.status_message)
-
-    @property
-    def status_message(self) -> str:
-        return f"{self.field}: {self.message}" if self.field else self.message
-
-    def details(self) -> common_pb2.ErrorDetails:
-        return common_pb2.ErrorDetails(
-            details=[common_pb2.ErrorDetail(field=self.field, reason=self.reason, message=self.message)]
-        )
-
-
-def invalid_argument(field: str, message: str, reason: str = "INVALID_ARGUMENT") -> ServiceError:
-    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message, field, reason)
-
-
-def not_found(field: str, message: str, reason: str = "NOT_FOUND") -> ServiceError:
-    return ServiceError(grpc.StatusCode.NOT_FOUND, message, field, reason)
-
-
-def from_value_error(error: ValueError, reason: str = "INVALID_ARGUMENT") -> ServiceError:
-    """INVALID_ARGUMENT from a ValueError whose text starts with `field: ` (as `gansteer.tensors` raises them)."""
-    field, sep, message = str(error).partition(": ")
-    if not sep or " " in field:
-        return invalid_argument("", str(error), reason)
-    return invalid_argument(field, message, reason)
-
-
-def translate(error: BaseException) -> ServiceError | None:
-    """The ServiceError for an error of a lower layer the client caused or can act on; None for a bug."""
-    if isinstance(error, ServiceError):
-        return error
-    if isinstance(error, ModelNotFound):
-        return not_found("model", error.message, "UNKNOWN_MODEL")
-    if isinstance(error, ModelRegistryError):
-        if error.field == "ref":  # a malformed reference is the client's text
-            return invalid_argument("model", error.message, "BAD_MODEL_REF")
-        # A broken card or weight file on the server: the client cannot fix it, the operator can.
-        return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, str(error), "model", "BROKEN_MODEL")
-    if isinstance(error, scorers.UnknownOutputError):
-        return not_found(error.field, error.message, "UNKNOWN_OUTPUT")
-    if isinstance(error, scorers.ScorerInputError):
-        return invalid_argument(error.field, error.message, "BAD_SCORER_INPUT")
-    return None
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):

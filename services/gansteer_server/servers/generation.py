@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gansteer_server.models import ModelCard
+from gansteer_server.models.store import ModelStore, model_to_wire
 from gansteer_server.proto import common_pb2, generation_pb2, generation_pb2_grpc
-from gansteer_server.servers import convert, sampling, validation
-from gansteer_server.servers.backends import ModelStore, model_to_wire
+from gansteer_server.servers import sampling
 from gansteer_server.servers.batching import BatcherPool, DynamicBatcher, RunBatch
-from gansteer_server.servers.errors import ServiceError, invalid_argument
-from gansteer_server.servers.validation import Condition, Limits
+from gansteer_server.wire import convert, validation
+from gansteer_server.wire.errors import ServiceError, invalid_argument
+from gansteer_server.wire.validation import Condition, Limits
 
 FORWARD, BACKWARD = "forward", "backward"
 #: GenerateStream may yield this many times the per-request image limit.

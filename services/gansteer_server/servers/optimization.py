@@ -28,14 +28,14 @@ from gansteer_server.jobs.kinds import SubmitContext, get_kind, kind_names
 from gansteer_server.jobs.records import JobRecord, JobState
 from gansteer_server.jobs.settings import JobSettings
 from gansteer_server.models import ModelRegistry
+from gansteer_server.models.store import ModelStore
 from gansteer_server.proto import common_pb2, optimization_pb2_grpc
 from gansteer_server.proto import optimization_pb2 as opt
 from gansteer_server.servers.app import new_grpc_server, serve_grpc
 from gansteer_server.servers.auth import caller_id
-from gansteer_server.servers.backends import ModelStore
-from gansteer_server.servers.convert import image_batch
-from gansteer_server.servers.errors import ServiceError, invalid_argument, not_found
 from gansteer_server.servers.metrics import ServiceMetrics
+from gansteer_server.wire.convert import image_batch
+from gansteer_server.wire.errors import ServiceError, invalid_argument, not_found
 
 logger = logging.getLogger(__name__)
 

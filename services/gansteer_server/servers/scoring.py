@@ -27,12 +27,12 @@ from torch import Tensor
 from gansteer.tensors import to_tensor_proto
 from gansteer_server.algorithms import scorers
 from gansteer_server.models import ModelCard, ModelNotFound
+from gansteer_server.models.store import ImageInput, ModelStore
 from gansteer_server.proto import common_pb2, scoring_pb2, scoring_pb2_grpc
-from gansteer_server.servers import convert, validation
-from gansteer_server.servers.backends import ImageInput, ModelStore
 from gansteer_server.servers.batching import BatcherPool
-from gansteer_server.servers.errors import invalid_argument, not_found
-from gansteer_server.servers.validation import Limits
+from gansteer_server.wire import convert, validation
+from gansteer_server.wire.errors import invalid_argument, not_found
+from gansteer_server.wire.validation import Limits
 
 # The model kinds that can fill each ScoringModels field.
 SLOT_KINDS: dict[str, tuple[str, ...]] = {

@@ -19,7 +19,7 @@ from torch import Tensor
 from gansteer.tensors import from_tensor_proto, png_decode
 from gansteer_server.models import ModelCard
 from gansteer_server.proto import common_pb2
-from gansteer_server.servers.errors import from_value_error, invalid_argument
+from gansteer_server.wire.errors import from_value_error, invalid_argument
 
 FLOAT32 = (common_pb2.DTYPE_FLOAT32,)
 IMAGE_FLOATS = (common_pb2.DTYPE_FLOAT32, common_pb2.DTYPE_FLOAT16, common_pb2.DTYPE_FLOAT64)
@@ -188,6 +188,11 @@ def images(batch: common_pb2.ImageBatch, field: str, limits: Limits, *, channels
             )
     converted = [_channels(image[None], f"{field}.images[{i}]", channels) for i, image in enumerate(decoded)]
     return torch.cat(converted)
+
+
+def image(proto: common_pb2.Image, field: str, limits: Limits, *, channels: int = 3) -> Tensor:
+    """One Image (PNG or tensor) as float32 [channels, H, W] in [-1, 1]; grey is repeated to `channels`."""
+    return _channels(_one_image(proto, field, limits)[None], field, channels)[0]
 
 
 def _one_image(image: common_pb2.Image, field: str, limits: Limits) -> Tensor:

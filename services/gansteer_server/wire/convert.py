@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gansteer.tensors import png_encode, to_tensor_proto
+from gansteer.tensors import from_tensor_proto, png_encode, to_tensor_proto
 from gansteer_server.models import ModelCard
 from gansteer_server.proto import common_pb2
 
@@ -62,6 +62,11 @@ def card_proto(
 
 def float_tensor(values: Tensor) -> common_pb2.Tensor:
     return to_tensor_proto(values.detach().cpu().numpy().astype(np.float32, copy=False))
+
+
+def torch_tensor(proto: common_pb2.Tensor, field: str) -> Tensor:
+    """A tensor message as a torch tensor of its own dtype (a copy; refusals name `field`)."""
+    return torch.from_numpy(from_tensor_proto(proto, field=field, copy=True))
 
 
 def image_batch(images: Tensor, as_png: bool) -> common_pb2.ImageBatch:

@@ -16,13 +16,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import grpc
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gansteer_server.models import ModelCard, ModelRegistry, OnnxModel
-from gansteer_server.servers.errors import ServiceError
+from gansteer_server.models.card import ModelCard
+from gansteer_server.models.errors import ModelUnavailable
+from gansteer_server.models.onnx_model import OnnxModel
+from gansteer_server.models.registry import ModelRegistry
 
 # How long `name` (newest version) stays resolved before the registry folders are read again; a new version
 # registered by a tuning job is served within this time. `name@version` never changes and is cached for good.
@@ -70,11 +71,8 @@ class ModelStore:
         """Whether forward-only requests for this model run on ONNX Runtime."""
         listed = card.name in self.onnx_models or card.ref in self.onnx_models
         if listed and card.onnx is None and card.format != "onnx":
-            raise ServiceError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"GANSTEER_ONNX_MODELS lists {card.ref}, but its card has no ONNX export",
-                "model",
-                "NO_ONNX_EXPORT",
+            raise ModelUnavailable(
+                f"GANSTEER_ONNX_MODELS lists {card.ref}, but its card has no ONNX export", "NO_ONNX_EXPORT"
             )
         return listed or card.format == "onnx"
 
@@ -84,11 +82,8 @@ class ModelStore:
             module = self._torch.get(card.ref)
             if module is None:
                 if card.format == "onnx":
-                    raise ServiceError(
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        f"{card.ref} is stored as ONNX only and cannot compute gradients",
-                        "model",
-                        "FORWARD_ONLY",
+                    raise ModelUnavailable(
+                        f"{card.ref} is stored as ONNX only and cannot compute gradients", "FORWARD_ONLY"
                     )
                 loaded = self.registry.load(card.ref, self.device)
                 assert isinstance(loaded, nn.Module)
