@@ -41,6 +41,13 @@ class JobView(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_VIEW_BASIC: _ClassVar[JobView]
     JOB_VIEW_FULL: _ClassVar[JobView]
 
+class AnswerKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ANSWER_KIND_UNSPECIFIED: _ClassVar[AnswerKind]
+    ANSWER_KIND_CHOICE: _ClassVar[AnswerKind]
+    ANSWER_KIND_PAIRWISE: _ClassVar[AnswerKind]
+    ANSWER_KIND_RATING: _ClassVar[AnswerKind]
+
 class Preference(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PREFERENCE_UNSPECIFIED: _ClassVar[Preference]
@@ -63,6 +70,10 @@ JOB_STATE_CANCELLED: JobState
 JOB_VIEW_UNSPECIFIED: JobView
 JOB_VIEW_BASIC: JobView
 JOB_VIEW_FULL: JobView
+ANSWER_KIND_UNSPECIFIED: AnswerKind
+ANSWER_KIND_CHOICE: AnswerKind
+ANSWER_KIND_PAIRWISE: AnswerKind
+ANSWER_KIND_RATING: AnswerKind
 PREFERENCE_UNSPECIFIED: Preference
 PREFERENCE_LEFT: Preference
 PREFERENCE_RIGHT: Preference
@@ -309,19 +320,61 @@ class JobSpec(_message.Message):
     preview_every: int
     def __init__(self, inversion: _Optional[_Union[InversionSpec, _Mapping]] = ..., embedding_am: _Optional[_Union[EmbeddingAMSpec, _Mapping]] = ..., latent_search: _Optional[_Union[LatentSearchSpec, _Mapping]] = ..., pir_tuning: _Optional[_Union[PIRTuningSpec, _Mapping]] = ..., human_nes: _Optional[_Union[HumanNESSpec, _Mapping]] = ..., interactive_evolution: _Optional[_Union[InteractiveEvolutionSpec, _Mapping]] = ..., priority: _Optional[int] = ..., time_limit_s: _Optional[float] = ..., idempotency_key: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., preview_every: _Optional[int] = ...) -> None: ...
 
+class RoundItem(_message.Message):
+    __slots__ = ("item_id", "seed", "latent", "condition", "parent_ids")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    LATENT_FIELD_NUMBER: _ClassVar[int]
+    CONDITION_FIELD_NUMBER: _ClassVar[int]
+    PARENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    seed: int
+    latent: _common_pb2.Tensor
+    condition: _common_pb2.ClassCondition
+    parent_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, item_id: _Optional[str] = ..., seed: _Optional[int] = ..., latent: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., condition: _Optional[_Union[_common_pb2.ClassCondition, _Mapping]] = ..., parent_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RoundPair(_message.Message):
+    __slots__ = ("left", "right")
+    LEFT_FIELD_NUMBER: _ClassVar[int]
+    RIGHT_FIELD_NUMBER: _ClassVar[int]
+    left: int
+    right: int
+    def __init__(self, left: _Optional[int] = ..., right: _Optional[int] = ...) -> None: ...
+
 class FeedbackRound(_message.Message):
-    __slots__ = ("round_id", "images", "choose", "num_pairs", "round")
+    __slots__ = ("round_id", "images", "choose", "num_pairs", "round", "answer", "items", "pairs", "generator", "expires_at", "allow_repeats", "answers_required", "answers_received", "rating_min", "rating_max")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     CHOOSE_FIELD_NUMBER: _ClassVar[int]
     NUM_PAIRS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    GENERATOR_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_REPEATS_FIELD_NUMBER: _ClassVar[int]
+    ANSWERS_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    ANSWERS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    RATING_MIN_FIELD_NUMBER: _ClassVar[int]
+    RATING_MAX_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     images: _common_pb2.ImageBatch
     choose: int
     num_pairs: int
     round: int
-    def __init__(self, round_id: _Optional[str] = ..., images: _Optional[_Union[_common_pb2.ImageBatch, _Mapping]] = ..., choose: _Optional[int] = ..., num_pairs: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
+    answer: AnswerKind
+    items: _containers.RepeatedCompositeFieldContainer[RoundItem]
+    pairs: _containers.RepeatedCompositeFieldContainer[RoundPair]
+    generator: _common_pb2.ModelRef
+    expires_at: _timestamp_pb2.Timestamp
+    allow_repeats: bool
+    answers_required: int
+    answers_received: int
+    rating_min: float
+    rating_max: float
+    def __init__(self, round_id: _Optional[str] = ..., images: _Optional[_Union[_common_pb2.ImageBatch, _Mapping]] = ..., choose: _Optional[int] = ..., num_pairs: _Optional[int] = ..., round: _Optional[int] = ..., answer: _Optional[_Union[AnswerKind, str]] = ..., items: _Optional[_Iterable[_Union[RoundItem, _Mapping]]] = ..., pairs: _Optional[_Iterable[_Union[RoundPair, _Mapping]]] = ..., generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., allow_repeats: _Optional[bool] = ..., answers_required: _Optional[int] = ..., answers_received: _Optional[int] = ..., rating_min: _Optional[float] = ..., rating_max: _Optional[float] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "kind", "state", "owner", "created_at", "started_at", "finished_at", "step", "total_steps", "criterion", "error", "error_details", "cancel_requested", "attempts", "last_event_id", "pending_round", "labels", "priority", "expires_at", "spec")
@@ -604,12 +657,14 @@ class GetResultResponse(_message.Message):
     def __init__(self, result: _Optional[_Union[JobResult, _Mapping]] = ...) -> None: ...
 
 class PairwiseJudgement(_message.Message):
-    __slots__ = ("pair", "preference")
+    __slots__ = ("pair", "preference", "score")
     PAIR_FIELD_NUMBER: _ClassVar[int]
     PREFERENCE_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
     pair: int
     preference: Preference
-    def __init__(self, pair: _Optional[int] = ..., preference: _Optional[_Union[Preference, str]] = ...) -> None: ...
+    score: float
+    def __init__(self, pair: _Optional[int] = ..., preference: _Optional[_Union[Preference, str]] = ..., score: _Optional[float] = ...) -> None: ...
 
 class PairwiseJudgements(_message.Message):
     __slots__ = ("judgements",)
@@ -623,22 +678,134 @@ class Choice(_message.Message):
     indices: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, indices: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class Ratings(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
 class SubmitFeedbackRequest(_message.Message):
-    __slots__ = ("job_id", "round_id", "choice", "pairwise", "rater")
+    __slots__ = ("job_id", "round_id", "choice", "pairwise", "ratings", "rater", "idempotency_key", "latency_s")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     CHOICE_FIELD_NUMBER: _ClassVar[int]
     PAIRWISE_FIELD_NUMBER: _ClassVar[int]
+    RATINGS_FIELD_NUMBER: _ClassVar[int]
     RATER_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_S_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round_id: str
     choice: Choice
     pairwise: PairwiseJudgements
+    ratings: Ratings
     rater: str
-    def __init__(self, job_id: _Optional[str] = ..., round_id: _Optional[str] = ..., choice: _Optional[_Union[Choice, _Mapping]] = ..., pairwise: _Optional[_Union[PairwiseJudgements, _Mapping]] = ..., rater: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    latency_s: float
+    def __init__(self, job_id: _Optional[str] = ..., round_id: _Optional[str] = ..., choice: _Optional[_Union[Choice, _Mapping]] = ..., pairwise: _Optional[_Union[PairwiseJudgements, _Mapping]] = ..., ratings: _Optional[_Union[Ratings, _Mapping]] = ..., rater: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., latency_s: _Optional[float] = ...) -> None: ...
 
 class SubmitFeedbackResponse(_message.Message):
-    __slots__ = ("job",)
+    __slots__ = ("job", "duplicate")
     JOB_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     job: Job
-    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+    duplicate: bool
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class Interaction(_message.Message):
+    __slots__ = ("job_id", "round_id", "round", "rater", "time", "latency_s", "answer_kind", "choice", "pairwise", "ratings", "items", "pairs", "generator", "idempotency_key")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    RATER_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_S_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_KIND_FIELD_NUMBER: _ClassVar[int]
+    CHOICE_FIELD_NUMBER: _ClassVar[int]
+    PAIRWISE_FIELD_NUMBER: _ClassVar[int]
+    RATINGS_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    GENERATOR_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    round_id: str
+    round: int
+    rater: str
+    time: _timestamp_pb2.Timestamp
+    latency_s: float
+    answer_kind: AnswerKind
+    choice: Choice
+    pairwise: PairwiseJudgements
+    ratings: Ratings
+    items: _containers.RepeatedCompositeFieldContainer[RoundItem]
+    pairs: _containers.RepeatedCompositeFieldContainer[RoundPair]
+    generator: _common_pb2.ModelRef
+    idempotency_key: str
+    def __init__(self, job_id: _Optional[str] = ..., round_id: _Optional[str] = ..., round: _Optional[int] = ..., rater: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., latency_s: _Optional[float] = ..., answer_kind: _Optional[_Union[AnswerKind, str]] = ..., choice: _Optional[_Union[Choice, _Mapping]] = ..., pairwise: _Optional[_Union[PairwiseJudgements, _Mapping]] = ..., ratings: _Optional[_Union[Ratings, _Mapping]] = ..., items: _Optional[_Iterable[_Union[RoundItem, _Mapping]]] = ..., pairs: _Optional[_Iterable[_Union[RoundPair, _Mapping]]] = ..., generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class ListInteractionsRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class ListInteractionsResponse(_message.Message):
+    __slots__ = ("interactions",)
+    INTERACTIONS_FIELD_NUMBER: _ClassVar[int]
+    interactions: _containers.RepeatedCompositeFieldContainer[Interaction]
+    def __init__(self, interactions: _Optional[_Iterable[_Union[Interaction, _Mapping]]] = ...) -> None: ...
+
+class JobOption(_message.Message):
+    __slots__ = ("name", "type", "default_json")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_JSON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    type: str
+    default_json: str
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., default_json: _Optional[str] = ...) -> None: ...
+
+class JobKindInfo(_message.Message):
+    __slots__ = ("name", "description", "has_rounds", "spec_message", "options")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    HAS_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    has_rounds: bool
+    spec_message: str
+    options: _containers.RepeatedCompositeFieldContainer[JobOption]
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., has_rounds: _Optional[bool] = ..., spec_message: _Optional[str] = ..., options: _Optional[_Iterable[_Union[JobOption, _Mapping]]] = ...) -> None: ...
+
+class ListJobKindsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListJobKindsResponse(_message.Message):
+    __slots__ = ("kinds",)
+    KINDS_FIELD_NUMBER: _ClassVar[int]
+    kinds: _containers.RepeatedCompositeFieldContainer[JobKindInfo]
+    def __init__(self, kinds: _Optional[_Iterable[_Union[JobKindInfo, _Mapping]]] = ...) -> None: ...
+
+class OptimizerInfo(_message.Message):
+    __slots__ = ("name", "gradient", "description")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    gradient: bool
+    description: str
+    def __init__(self, name: _Optional[str] = ..., gradient: _Optional[bool] = ..., description: _Optional[str] = ...) -> None: ...
+
+class ListOptimizersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListOptimizersResponse(_message.Message):
+    __slots__ = ("optimizers",)
+    OPTIMIZERS_FIELD_NUMBER: _ClassVar[int]
+    optimizers: _containers.RepeatedCompositeFieldContainer[OptimizerInfo]
+    def __init__(self, optimizers: _Optional[_Iterable[_Union[OptimizerInfo, _Mapping]]] = ...) -> None: ...

@@ -70,6 +70,21 @@ class OptimizationServiceStub:
                 request_serializer=gansteer_dot_v1_dot_optimization__pb2.SubmitFeedbackRequest.SerializeToString,
                 response_deserializer=gansteer_dot_v1_dot_optimization__pb2.SubmitFeedbackResponse.FromString,
                 _registered_method=True)
+        self.ListJobKinds = channel.unary_unary(
+                '/gansteer.v1.OptimizationService/ListJobKinds',
+                request_serializer=gansteer_dot_v1_dot_optimization__pb2.ListJobKindsRequest.SerializeToString,
+                response_deserializer=gansteer_dot_v1_dot_optimization__pb2.ListJobKindsResponse.FromString,
+                _registered_method=True)
+        self.ListOptimizers = channel.unary_unary(
+                '/gansteer.v1.OptimizationService/ListOptimizers',
+                request_serializer=gansteer_dot_v1_dot_optimization__pb2.ListOptimizersRequest.SerializeToString,
+                response_deserializer=gansteer_dot_v1_dot_optimization__pb2.ListOptimizersResponse.FromString,
+                _registered_method=True)
+        self.ListInteractions = channel.unary_unary(
+                '/gansteer.v1.OptimizationService/ListInteractions',
+                request_serializer=gansteer_dot_v1_dot_optimization__pb2.ListInteractionsRequest.SerializeToString,
+                response_deserializer=gansteer_dot_v1_dot_optimization__pb2.ListInteractionsResponse.FromString,
+                _registered_method=True)
 
 
 class OptimizationServiceServicer:
@@ -125,7 +140,32 @@ class OptimizationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SubmitFeedback(self, request, context):
-        """A person's answer to the round a human-in-the-loop job is waiting on (interactive evolution, human NES).
+        """An answer to the round a human-in-the-loop job is waiting on (interactive evolution, human NES), from a person
+        or a simulated rater alike. Checks the round id (FAILED_PRECONDITION when that round is no longer open or has
+        expired) and the answer's shape (INVALID_ARGUMENT naming the field), appends it to the job's interaction log and
+        queues the job's next segment once the round has all the answers it asks for. Resending with the same
+        idempotency key returns the first answer's outcome and records nothing twice.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobKinds(self, request, context):
+        """The job kinds this server runs, with each kind's options and their defaults.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOptimizers(self, request, context):
+        """The optimizers of the search core that every kind draws from.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListInteractions(self, request, context):
+        """A job's interaction log: every answer to its rounds with its provenance, oldest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -168,6 +208,21 @@ def add_OptimizationServiceServicer_to_server(servicer, server):
                     servicer.SubmitFeedback,
                     request_deserializer=gansteer_dot_v1_dot_optimization__pb2.SubmitFeedbackRequest.FromString,
                     response_serializer=gansteer_dot_v1_dot_optimization__pb2.SubmitFeedbackResponse.SerializeToString,
+            ),
+            'ListJobKinds': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobKinds,
+                    request_deserializer=gansteer_dot_v1_dot_optimization__pb2.ListJobKindsRequest.FromString,
+                    response_serializer=gansteer_dot_v1_dot_optimization__pb2.ListJobKindsResponse.SerializeToString,
+            ),
+            'ListOptimizers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOptimizers,
+                    request_deserializer=gansteer_dot_v1_dot_optimization__pb2.ListOptimizersRequest.FromString,
+                    response_serializer=gansteer_dot_v1_dot_optimization__pb2.ListOptimizersResponse.SerializeToString,
+            ),
+            'ListInteractions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInteractions,
+                    request_deserializer=gansteer_dot_v1_dot_optimization__pb2.ListInteractionsRequest.FromString,
+                    response_serializer=gansteer_dot_v1_dot_optimization__pb2.ListInteractionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -360,6 +415,87 @@ class OptimizationService:
             '/gansteer.v1.OptimizationService/SubmitFeedback',
             gansteer_dot_v1_dot_optimization__pb2.SubmitFeedbackRequest.SerializeToString,
             gansteer_dot_v1_dot_optimization__pb2.SubmitFeedbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobKinds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gansteer.v1.OptimizationService/ListJobKinds',
+            gansteer_dot_v1_dot_optimization__pb2.ListJobKindsRequest.SerializeToString,
+            gansteer_dot_v1_dot_optimization__pb2.ListJobKindsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOptimizers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gansteer.v1.OptimizationService/ListOptimizers',
+            gansteer_dot_v1_dot_optimization__pb2.ListOptimizersRequest.SerializeToString,
+            gansteer_dot_v1_dot_optimization__pb2.ListOptimizersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListInteractions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gansteer.v1.OptimizationService/ListInteractions',
+            gansteer_dot_v1_dot_optimization__pb2.ListInteractionsRequest.SerializeToString,
+            gansteer_dot_v1_dot_optimization__pb2.ListInteractionsResponse.FromString,
             options,
             channel_credentials,
             insecure,
