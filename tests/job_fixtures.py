@@ -35,6 +35,7 @@ from gansteer.v1 import common_pb2, optimization_pb2, optimization_pb2_grpc
 from gansteer_server.config import Settings
 from gansteer_server.jobs.backends import ModelBackend
 from gansteer_server.jobs.kinds import CPU_QUEUE, JobKind, StepProgress, SubmitContext, register_kind
+from gansteer_server.jobs.rounds import Answer, Round, RoundItem
 from gansteer_server.jobs.settings import JobSettings
 from gansteer_server.models import ModelRegistry
 from gansteer_server.models.architectures.scenes import ScenesClassifier, ScenesDiscriminator, ScenesGenerator
@@ -182,6 +183,100 @@ class CrashKind(SleepKind):
 
 
 SLEEP, CRASH = register_kind(SleepKind()), register_kind(CrashKind())
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    rounds: int  # rounds to answer before the job succeeds
+    items: int  # images shown per round
+    choose: int  # picks per answer, repeats allowed
+    work_steps: int = 0  # plain steps after each answer, before the next round opens
+    sleep_s: float = 0.0  # per plain step
+    seed: int = 0
+
+
+class RoundRun:
+    """A job made of rounds: each opens a round of `items` latents and waits for `choose` picks; between rounds it
+    does `work_steps` plain steps. Its state is what it received, so a test compares it with the interaction log."""
+
+    def __init__(self, spec: RoundSpec) -> None:
+        self.spec = spec
+        self._steps, self._opened, self._work_left = 0, 0, 0
+        self._awaiting = False
+        self._picks: list[list[int]] = []
+        self._raters: list[str] = []
+
+    @property
+    def done(self) -> bool:
+        return len(self._picks) >= self.spec.rounds and self._work_left == 0
+
+    @property
+    def steps(self) -> int:
+        return self._steps
+
+    def step(self) -> StepProgress:
+        if self._awaiting:
+            raise AssertionError("stepped while a round waits for its answers")
+        self._steps += 1
+        if self._work_left:
+            time.sleep(self.spec.sleep_s)
+            self._work_left -= 1
+            return StepProgress(step=self._steps, generator_calls=0, criterion={"total": float(len(self._picks))})
+        self._opened += 1
+        generator = torch.Generator().manual_seed(self.spec.seed * 1000 + self._opened)
+        items = tuple(
+            RoundItem(item_id=f"r{self._opened}i{i}", latent=torch.randn(LATENT, generator=generator), seed=i)
+            for i in range(self.spec.items)
+        )
+        self._awaiting = True
+        round_ = Round(number=self._opened, answer="choice", items=items, generator=f"{GEN}@1", choose=self.spec.choose)
+        return StepProgress(step=self._steps, generator_calls=len(items), criterion={"total": 0.0}, round=round_)
+
+    def receive(self, answers: list[Answer]) -> None:
+        if not self._awaiting:
+            raise AssertionError("answers delivered twice")
+        self._picks.append([index for answer in answers for index in answer.choice])
+        self._raters.extend(answer.rater for answer in answers)
+        self._awaiting, self._work_left = False, self.spec.work_steps
+
+    def preview(self) -> torch.Tensor:
+        return torch.zeros(1, 3, 4, 4)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self._steps,
+            "opened": self._opened,
+            "work_left": self._work_left,
+            "awaiting": self._awaiting,
+            "picks": [torch.tensor(picks, dtype=torch.int64) for picks in self._picks],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._steps, self._opened = int(state["steps"]), int(state["opened"])
+        self._work_left, self._awaiting = int(state["work_left"]), bool(state["awaiting"])
+        self._picks = [picks.tolist() for picks in state["picks"]]
+
+    def result(self) -> opt.JobResult:
+        result = opt.JobResult(metrics={"rounds_answered": float(len(self._picks))})
+        result.images.tensor.CopyFrom(common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT32, shape=[0, 3, 4, 4]))
+        for picks in self._picks:
+            result.item_metrics.add(values={f"pick{i}": float(index) for i, index in enumerate(picks)})
+        return result
+
+
+class RoundKind(SleepKind):
+    name = "test_rounds"
+    spec_type = RoundSpec  # type: ignore[assignment]
+    has_rounds = True
+
+    def total_steps(self, spec: RoundSpec) -> int:  # type: ignore[override]
+        return spec.rounds * (1 + spec.work_steps)
+
+    def start(self, spec: RoundSpec, backend: ModelBackend, settings: JobSettings) -> RoundRun:  # type: ignore[override]
+        return RoundRun(spec)
+
+
+ROUNDS = register_kind(RoundKind())
 
 # --- the stack -------------------------------------------------------------------------------------------------------
 

@@ -17,8 +17,8 @@ from job_fixtures import JobStack, build_registry, final_state, inversion_spec, 
 from gansteer.tensors import from_tensor_proto
 from gansteer.v1 import optimization_pb2
 from gansteer_server.jobs.backends import LocalBackend, RemoteBackend
-from gansteer_server.jobs.inversion_job import InversionJob
 from gansteer_server.jobs.kinds import SubmitContext
+from gansteer_server.jobs.kinds.inversion import InversionJob
 from gansteer_server.jobs.worker import start_worker_thread
 from gansteer_server.models import ModelRegistry
 from gansteer_server.servers.app import start_generation_server, start_scoring_server

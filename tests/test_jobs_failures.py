@@ -23,9 +23,9 @@ from kombu.exceptions import OperationalError
 from gansteer_server.jobs import runner
 from gansteer_server.jobs import store as store_module
 from gansteer_server.jobs.celery_app import Jobs, create_store, task_name
-from gansteer_server.jobs.kinds import encode_spec
 from gansteer_server.jobs.records import JobRecord, JobState
 from gansteer_server.jobs.runner import owner_is_dead
+from gansteer_server.jobs.specs import encode_spec
 from gansteer_server.jobs.store import JobStore
 from gansteer_server.jobs.worker import start_worker_thread
 

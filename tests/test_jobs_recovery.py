@@ -15,9 +15,9 @@ from job_fixtures import SLEEP, JobStack, SleepSpec, final_state, inversion_spec
 from gansteer.v1 import optimization_pb2
 from gansteer_server.jobs.backends import Backends
 from gansteer_server.jobs.celery_app import create_store
-from gansteer_server.jobs.kinds import encode_spec
 from gansteer_server.jobs.records import ClaimOutcome, JobRecord, JobState
 from gansteer_server.jobs.runner import WorkerContext, owner_is_dead, run_segment
+from gansteer_server.jobs.specs import encode_spec
 from gansteer_server.jobs.store import JobStore
 
 pytestmark = [pytest.mark.job]

@@ -31,10 +31,11 @@ from kombu import Exchange, Queue
 from kombu.exceptions import OperationalError
 
 from gansteer_server.jobs.backends import Backends
-from gansteer_server.jobs.kinds import QUEUES, JobKind, encode_spec, get_kind, kind_names
+from gansteer_server.jobs.kinds import QUEUES, JobKind, get_kind, kind_names
 from gansteer_server.jobs.records import JobRecord
 from gansteer_server.jobs.runner import EnqueueFailed, WorkerContext, run_segment
 from gansteer_server.jobs.settings import JobSettings
+from gansteer_server.jobs.specs import encode_spec
 from gansteer_server.jobs.store import JobStore
 
 logger = logging.getLogger(__name__)

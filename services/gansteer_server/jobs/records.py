@@ -18,6 +18,7 @@ from gansteer_server.proto import optimization_pb2 as opt
 class JobState(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
+    WAITING = "waiting_for_feedback"  # a round is open; no worker holds the job
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -34,6 +35,7 @@ class JobState(enum.StrEnum):
 _PROTO_STATES = {
     JobState.QUEUED: opt.JOB_STATE_QUEUED,
     JobState.RUNNING: opt.JOB_STATE_RUNNING,
+    JobState.WAITING: opt.JOB_STATE_WAITING_FOR_FEEDBACK,
     JobState.SUCCEEDED: opt.JOB_STATE_SUCCEEDED,
     JobState.FAILED: opt.JOB_STATE_FAILED,
     JobState.CANCELLED: opt.JOB_STATE_CANCELLED,
@@ -79,6 +81,14 @@ class JobRecord:
     cancel_reason: str = ""
     has_result: bool = False
     idempotency_key: str = ""
+    # Rounds: the open round (while WAITING), when it expires, answers it has and needs; `deliver_round` names the
+    # round whose answers the next segment hands to the run (cleared once a checkpoint holds them).
+    round_id: str = ""
+    round_expires: float = 0.0
+    round_answers: int = 0
+    round_required: int = 0
+    deliver_round: str = ""
+    rounds: int = 0
 
     @classmethod
     def from_hash(cls, data: Mapping[bytes, bytes]) -> JobRecord:
@@ -156,6 +166,12 @@ _FIELD_TYPES: dict[str, Any] = {
     "cancel_reason": str,
     "has_result": bool,
     "idempotency_key": str,
+    "round_id": str,
+    "round_expires": float,
+    "round_answers": int,
+    "round_required": int,
+    "deliver_round": str,
+    "rounds": int,
 }
 
 
@@ -193,6 +209,7 @@ class ClaimOutcome(enum.Enum):
     FINISHED = "finished"  # the job ended; this copy is late
     STALE = "stale"  # the job moved past this segment; this copy is a duplicate
     HELD = "held"  # another live worker holds the lease; try again after `retry_after_s`
+    WAITING = "waiting"  # the job waits for feedback; this copy is a duplicate (the answer queues the next one)
     OVER_CAP = "over_cap"  # delivered more than the cap without finishing the segment: the job is failed
 
 

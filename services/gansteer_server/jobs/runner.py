@@ -39,7 +39,8 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import cast
 
 import grpc
 import redis
@@ -48,9 +49,13 @@ from kombu.exceptions import OperationalError
 
 from gansteer.tensors import from_tensor_proto
 from gansteer_server.jobs.backends import Backends
-from gansteer_server.jobs.kinds import JobKind, JobRun, StepProgress, decode_spec, get_kind
+from gansteer_server.jobs.kinds import JobKind, JobRun, StepProgress, get_kind
+from gansteer_server.jobs.kinds.base import RoundRun
 from gansteer_server.jobs.records import ClaimOutcome, JobRecord, JobState, LeaseLost, state_event
+from gansteer_server.jobs.round_store import RoundStore
+from gansteer_server.jobs.rounds import Round, answer_of, round_message
 from gansteer_server.jobs.settings import JobSettings
+from gansteer_server.jobs.specs import decode_spec
 from gansteer_server.jobs.store import JobStore
 from gansteer_server.proto import optimization_pb2 as opt
 from gansteer_server.wire.convert import image_batch
@@ -79,11 +84,13 @@ class WorkerContext:
     backends: Backends
     enqueue: Enqueue
     owner: str = ""
+    rounds: RoundStore = field(init=False)
 
     def __post_init__(self) -> None:
         # host:pid identifies the process (a dead pid on this host frees its leases at once); the token tells apart
         # two workers in one process (in-thread workers of tests and the embedded mode).
         self.owner = self.owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.rounds = RoundStore(self.store)
 
     @property
     def lease_owner(self) -> str:
@@ -169,6 +176,9 @@ class _Segment:
         checkpoint = self.store.load_checkpoint(self.job_id)
         if checkpoint is not None:
             job_run.load_state_dict(torch.load(io.BytesIO(checkpoint), map_location="cpu", weights_only=True))
+        if self.record.deliver_round:  # the checkpoint is the round's: hand the run its answers from the log
+            entries = self.context.rounds.answers(self.job_id, self.record.deliver_round)
+            cast(RoundRun, job_run).receive([answer_of(entry) for entry in entries])
         return job_run
 
     def _loop(self, job_run: JobRun) -> str:
@@ -197,13 +207,15 @@ class _Segment:
             progress = job_run.step()
             steps_here += 1
             now = time.monotonic()
-            segment_ends = steps_here >= settings.segment_steps or job_run.done
+            segment_ends = steps_here >= settings.segment_steps or job_run.done or progress.round is not None
             if segment_ends or now - last_progress >= settings.progress_interval_s:
                 last_progress = now
                 self._progress(progress, self.record.run_seconds + (now - started))
             every = self.record.preview_every
             if every and progress.step % every == 0:
                 self._preview(job_run, progress.step)
+            if progress.round is not None:
+                return self._open_round(job_run, progress.round, self.record.run_seconds + (now - started))
 
     def _progress(self, progress: StepProgress, run_seconds: float) -> None:
         step, calls, criterion = progress.step, progress.generator_calls, dict(progress.criterion)
@@ -229,6 +241,15 @@ class _Segment:
         _send(self.context, self.record, self.segment + 1, 0.0)
         self.store.advance(self.job_id, self.owner, self.segment, buffer.getvalue(), run_seconds)
         return "segment"
+
+    def _open_round(self, job_run: JobRun, round_: Round, run_seconds: float) -> str:
+        """Checkpoint, store the round and release the worker: the job waits, and an answer queues what follows."""
+        buffer = io.BytesIO()
+        torch.save(job_run.state_dict(), buffer)
+        expires = time.time() + (round_.expires_in_s or self.settings.round_expiry_s)
+        message = round_message(round_, secrets.token_hex(8), expires)
+        self.context.rounds.open_round(self.job_id, self.owner, self.segment, buffer.getvalue(), message, run_seconds)
+        return JobState.WAITING.value
 
     def _finish(self, job_run: JobRun, state: JobState, message: str, run_seconds: float, reason: str = "") -> str:
         """End the job; its result (the best so far when cancelled or out of time) is kept once a step has run."""

@@ -38,6 +38,9 @@ from gansteer_server.jobs.records import (
 )
 from gansteer_server.proto import optimization_pb2 as opt
 
+#: Suffixes of the keys `RoundStore` keeps per job (round, interaction log, answer keys, raters).
+ROUND_KEYS = ("round", "interactions", "answer_keys", "raters")
+
 
 class JobStore:
     """Reads and writes job records, events, checkpoints and results in one Redis database."""
@@ -72,7 +75,9 @@ class JobStore:
         return f"{self.prefix}idem:{owner}:{hashlib.sha256(key.encode()).hexdigest()[:32]}"
 
     def _job_keys(self, job_id: str) -> list[str]:
-        return [self.job_key(job_id), self.spec_key(job_id), self.events_key(job_id), self.result_key(job_id)]
+        """Every key a job leaves behind (they expire with its result); rounds' keys are `round_store`'s."""
+        keys = [self.job_key(job_id), self.spec_key(job_id), self.events_key(job_id), self.result_key(job_id)]
+        return keys + [f"{self.job_key(job_id)}:{name}" for name in ROUND_KEYS]
 
     # --- the service's side ----------------------------------------------------------------------------------
 
@@ -129,7 +134,7 @@ class JobStore:
             pipe.hset(self.spec_key(job_id), mapping={"proto": spec_proto, "state": spec_state})
             pipe.zadd(self.index_key(None), {job_id: 0})
             pipe.zadd(self.index_key(owner), {job_id: 0})
-            self._xadd(pipe, job_id, state_event(JobState.QUEUED, None))
+            self.xadd(pipe, job_id, state_event(JobState.QUEUED, None))
             return record, False
 
         watches = [idem_key] if idem_key else []
@@ -170,7 +175,10 @@ class JobStore:
             pipe.execute()
 
     def request_cancel(self, job_id: str, reason: str) -> JobRecord | None:
-        """Set the cancel flag. A running job is cancelled by its worker before its next step, keeping the best
+        """Set the cancel flag; returns the record after (None for an unknown job).
+
+        A job waiting for feedback goes back to the queue (the caller sends its next segment), whose worker ends it
+        with its best result so far. A running job is cancelled by its worker before its next step, keeping the best
         result so far. A queued job, or one whose worker's lease lapsed (the worker died), is cancelled here at once
         and has **no result**: no worker holds its state, the checkpoint is only a run's internal state (the service
         runs no model to turn it into a result), and it is deleted like every ended job's. A finished job is left
@@ -183,12 +191,18 @@ class JobStore:
             record = JobRecord.from_hash(data)
             if record.state.terminal:
                 return record
-            now = _redis_time(pipe)
+            now = redis_time(pipe)
             pipe.multi()
             pipe.hset(self.job_key(job_id), mapping={"cancel_requested": "1", "cancel_reason": reason})
+            if record.state is JobState.WAITING:  # back to the queue: the caller sends the segment that ends it
+                pipe.hset(self.job_key(job_id), mapping={"state": encode_field(JobState.QUEUED), "round_id": ""})
+                self.xadd(pipe, job_id, state_event(JobState.QUEUED, JobState.WAITING, "cancel requested"))
+                return record
             # No worker will see the flag: never claimed, or claimed by a worker whose lease lapsed (it died). Between
             # segments (no lease owner) the next segment's task is queued and its worker cancels with the result.
-            if record.state is JobState.QUEUED or (record.lease_owner and record.lease_expiry < now):
+            if (record.state is JobState.QUEUED and record.started == 0) or (
+                record.lease_owner and record.lease_expiry < now
+            ):
                 message = reason or "cancelled by request"
                 self._queue_finish(pipe, record, JobState.CANCELLED, now, message=message)
             return record
@@ -209,7 +223,7 @@ class JobStore:
             record = JobRecord.from_hash(data)
             if record.state.terminal:
                 return False
-            now = _redis_time(pipe)
+            now = redis_time(pipe)
             if segment is not None:
                 held = record.lease_owner not in ("", owner) and record.lease_expiry > now
                 if held or record.segment > segment:
@@ -272,7 +286,9 @@ class JobStore:
                 return Claim(ClaimOutcome.FINISHED, record)
             if segment < record.segment:
                 return Claim(ClaimOutcome.STALE, record)
-            now = _redis_time(pipe)
+            if record.state is JobState.WAITING:
+                return Claim(ClaimOutcome.WAITING, record)
+            now = redis_time(pipe)
             held = record.lease_owner and record.lease_owner != owner and record.lease_expiry > now
             if held and not is_dead(record.lease_owner):
                 return Claim(ClaimOutcome.HELD, record, retry_after_s=min(record.lease_expiry - now, lease_s / 3))
@@ -299,8 +315,8 @@ class JobStore:
                 "updated": now,
             }
             if record.state is JobState.QUEUED:
-                updates |= {"state": JobState.RUNNING, "started": now}
-                self._xadd(pipe, job_id, state_event(JobState.RUNNING, JobState.QUEUED))
+                updates |= {"state": JobState.RUNNING, "started": record.started or now}
+                self.xadd(pipe, job_id, state_event(JobState.RUNNING, JobState.QUEUED))
             pipe.hset(self.job_key(job_id), mapping={k: encode_field(v) for k, v in updates.items()})
             pipe.hdel(self.job_key(job_id), "retry_pending")
             claimed = JobRecord(**(record.__dict__ | updates))
@@ -323,7 +339,7 @@ class JobStore:
             state, lease_owner, cancel = pipe.hmget(self.job_key(job_id), ["state", "lease_owner", "cancel_requested"])
             if state is None or JobState(state.decode()).terminal or (lease_owner or b"").decode() != owner:
                 raise LeaseLost(job_id)
-            now = _redis_time(pipe)
+            now = redis_time(pipe)
             pipe.multi()
             pipe.hset(self.job_key(job_id), "lease_expiry", encode_field(now + lease_s))
             return cancel == b"1"
@@ -333,7 +349,7 @@ class JobStore:
     def progress(self, job_id: str, event: opt.JobEvent, updates: Mapping[str, Any]) -> None:
         """Append a progress or preview event and update the record's progress fields, in one round trip."""
         pipe = self.client.pipeline(transaction=False)
-        self._xadd(pipe, job_id, event)
+        self.xadd(pipe, job_id, event)
         if updates:
             pipe.hset(self.job_key(job_id), mapping={k: encode_field(v) for k, v in updates.items()})
         pipe.execute()
@@ -350,7 +366,7 @@ class JobStore:
         the lease is ours (raises LeaseLost otherwise, and writes nothing)."""
 
         def write(pipe: redis.client.Pipeline) -> None:
-            self._require_lease(pipe, job_id, owner)
+            self.require_lease(pipe, job_id, owner)
             pipe.multi()
             pipe.set(self.checkpoint_key(job_id), checkpoint)
             updates = {
@@ -360,6 +376,7 @@ class JobStore:
                 "lease_expiry": 0,
                 "run_seconds": run_seconds,
                 "updated": time.time(),
+                "deliver_round": "",  # this checkpoint holds the round's answers
             }
             pipe.hset(self.job_key(job_id), mapping={k: encode_field(v) for k, v in updates.items()})
             pipe.hdel(self.job_key(job_id), "retry_pending", "segment_retries")
@@ -373,7 +390,7 @@ class JobStore:
 
         def write(pipe: redis.client.Pipeline) -> None:
             try:
-                self._require_lease(pipe, job_id, owner)
+                self.require_lease(pipe, job_id, owner)
             except LeaseLost:
                 return
             pipe.multi()
@@ -402,13 +419,13 @@ class JobStore:
         result event and the final state change, and start the TTL of everything the job left."""
 
         def write(pipe: redis.client.Pipeline) -> None:
-            record = self._require_lease(pipe, job_id, owner)
-            now = _redis_time(pipe)
+            record = self.require_lease(pipe, job_id, owner)
+            now = redis_time(pipe)
             pipe.multi()
             if result is not None:
                 pipe.set(self.result_key(job_id), result)
             if result_event is not None:
-                self._xadd(pipe, job_id, result_event)
+                self.xadd(pipe, job_id, result_event)
             extra = {"run_seconds": run_seconds} if run_seconds is not None else {}
             self._queue_finish(
                 pipe, record, state, now, message=message, reason=reason, has_result=result is not None, extra=extra
@@ -418,7 +435,7 @@ class JobStore:
 
     # --- helpers ----------------------------------------------------------------------------------------------
 
-    def _require_lease(self, pipe: redis.client.Pipeline, job_id: str, owner: str) -> JobRecord:
+    def require_lease(self, pipe: redis.client.Pipeline, job_id: str, owner: str) -> JobRecord:
         data = pipe.hgetall(self.job_key(job_id))
         record = JobRecord.from_hash(data) if data else None
         if record is None or record.state.terminal or record.lease_owner != owner:
@@ -451,14 +468,14 @@ class JobStore:
         if state is JobState.FAILED:
             updates |= {"error": message, "error_reason": reason or "JOB_FAILED"}
         pipe.hset(self.job_key(record.id), mapping={k: encode_field(v) for k, v in updates.items()})
-        self._xadd(pipe, record.id, state_event(state, record.state, message))
+        self.xadd(pipe, record.id, state_event(state, record.state, message))
         pipe.delete(self.checkpoint_key(record.id))
         for key in self._job_keys(record.id):
             pipe.expire(key, self.result_ttl_s)
         if record.idempotency_key:
             pipe.expire(record.idempotency_key, self.result_ttl_s)
 
-    def _xadd(self, pipe: redis.client.Pipeline, job_id: str, event: opt.JobEvent) -> None:
+    def xadd(self, pipe: redis.client.Pipeline, job_id: str, event: opt.JobEvent) -> None:
         if not event.HasField("time"):
             event.time.GetCurrentTime()
         key = self.events_key(job_id)
@@ -469,7 +486,7 @@ class JobStore:
         yield from self.client.scan_iter(match=f"{self.prefix}*", count=1000)
 
 
-def _redis_time(pipe: redis.client.Pipeline) -> float:
+def redis_time(pipe: redis.client.Pipeline) -> float:
     """Redis's clock, so that every worker judges lease expiry by the same clock."""
     seconds, micros = pipe.time()
     return seconds + micros / 1e6

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -22,10 +23,13 @@ import torch
 from grpc_health.v1 import health
 
 from gansteer.tensors import from_tensor_proto
+from gansteer_server.algorithms.inversion import OPTIMIZERS, GradientOptimizer
 from gansteer_server.config import Settings
 from gansteer_server.jobs.celery_app import Jobs
 from gansteer_server.jobs.kinds import SubmitContext, get_kind, kind_names
 from gansteer_server.jobs.records import JobRecord, JobState
+from gansteer_server.jobs.round_store import AnswerOutcome, RoundStore
+from gansteer_server.jobs.rounds import check_answer, interaction, pseudonym
 from gansteer_server.jobs.settings import JobSettings
 from gansteer_server.models import ModelRegistry
 from gansteer_server.models.store import ModelStore
@@ -54,6 +58,7 @@ class OptimizationServicer(optimization_pb2_grpc.OptimizationServiceServicer):
     def __init__(self, jobs: Jobs, catalog: ModelStore) -> None:
         self.jobs, self.store, self.settings = jobs, jobs.store, jobs.settings
         self.context = SubmitContext(jobs.settings, catalog)
+        self.rounds = RoundStore(self.store)
 
     # --- helpers ----------------------------------------------------------------------------------------------
 
@@ -71,6 +76,11 @@ class OptimizationServicer(optimization_pb2_grpc.OptimizationServiceServicer):
 
     def _job(self, record: JobRecord, last_event_id: str, view: int) -> opt.Job:
         job = record.to_proto(last_event_id)
+        if record.state is JobState.WAITING:
+            pending = self.rounds.pending_round(record.id)
+            if pending is not None:
+                pending.answers_received = record.round_answers
+                job.pending_round.CopyFrom(pending)
         if view == opt.JOB_VIEW_FULL:
             stored = self.store.spec(record.id)
             if stored is not None and stored[0]:
@@ -128,8 +138,20 @@ class OptimizationServicer(optimization_pb2_grpc.OptimizationServiceServicer):
         logger.info("job %s (%s) queued", record.id, kind_name, extra={"job_id": record.id, "kind": kind_name})
         return opt.SubmitJobResponse(job_id=record.id, existing=existing, job=record.to_proto())
 
+    def _close_if_expired(self, record: JobRecord) -> bool:
+        """A waiting job whose round expired goes back to the queue to end with its best result (lazily, when a
+        caller looks at it); returns whether it did."""
+        if record.state is not JobState.WAITING or time.time() <= record.round_expires:
+            return False
+        closed = self.rounds.close_expired(record.id)
+        if closed is not None:
+            self.jobs.enqueue(closed, closed.segment)
+        return closed is not None
+
     def GetJob(self, request: opt.GetJobRequest, context: grpc.ServicerContext) -> opt.GetJobResponse:
         record, last_event = self._record(request.job_id, context)
+        if self._close_if_expired(record):
+            record, last_event = self._record(request.job_id, context)
         view = request.view or opt.JOB_VIEW_FULL
         return opt.GetJobResponse(job=self._job(record, last_event, view))
 
@@ -157,7 +179,9 @@ class OptimizationServicer(optimization_pb2_grpc.OptimizationServiceServicer):
         self._record(request.job_id, context)
         if len(request.reason) > 1000:
             raise invalid_argument("reason", "at most 1000 characters")
-        self.store.request_cancel(request.job_id, request.reason)
+        cancelled = self.store.request_cancel(request.job_id, request.reason)
+        if cancelled is not None and cancelled.state is JobState.QUEUED and cancelled.started:
+            self.jobs.enqueue(cancelled, cancelled.segment)  # it was waiting for feedback: a worker ends it
         record, last_event = self._record(request.job_id, context)
         return opt.CancelJobResponse(job=record.to_proto(last_event))
 
@@ -220,12 +244,61 @@ class OptimizationServicer(optimization_pb2_grpc.OptimizationServiceServicer):
         self, request: opt.SubmitFeedbackRequest, context: grpc.ServicerContext
     ) -> opt.SubmitFeedbackResponse:
         record, _ = self._record(request.job_id, context)
-        raise ServiceError(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            f"job {record.id} ({record.kind}) is not waiting for feedback",
-            "job_id",
-            "NOT_WAITING",
+        if len(request.idempotency_key) > 256 or len(request.rater) > 256:
+            field = "idempotency_key" if len(request.idempotency_key) > 256 else "rater"
+            raise invalid_argument(field, "at most 256 characters")
+        self._close_if_expired(record)
+        pending = self.rounds.pending_round(record.id)
+        if pending is not None and pending.round_id == request.round_id:
+            check_answer(pending, request)
+        rater = pseudonym(request.rater or record.owner or "anonymous", self.rounds.rater_key())
+
+        def entry(round_: opt.FeedbackRound, now: float) -> opt.Interaction:
+            return interaction(record.id, round_, request, rater, now)
+
+        receipt = self.rounds.record_answer(record.id, request.round_id, rater, request.idempotency_key, entry)
+        outcome, current = receipt.outcome, receipt.record
+        if outcome is AnswerOutcome.GONE or current is None:
+            raise not_found("job_id", f"no job {record.id} (its record expired)", "UNKNOWN_JOB")
+        if outcome in (AnswerOutcome.NOT_OPEN, AnswerOutcome.EXPIRED, AnswerOutcome.ALREADY_ANSWERED):
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, _REFUSALS[outcome], "round_id", outcome.name)
+        duplicate = outcome is AnswerOutcome.DUPLICATE
+        # A resent answer whose job is still queued re-sends the segment: the first send may have failed, and a
+        # second message is harmless (the lease and the segment number stand the copy down).
+        if receipt.queued or (duplicate and current.state is JobState.QUEUED and current.deliver_round):
+            self.jobs.enqueue(current, current.segment)
+        record, last_event = self._record(request.job_id, context)
+        return opt.SubmitFeedbackResponse(job=self._job(record, last_event, opt.JOB_VIEW_BASIC), duplicate=duplicate)
+
+    def ListInteractions(
+        self, request: opt.ListInteractionsRequest, context: grpc.ServicerContext
+    ) -> opt.ListInteractionsResponse:
+        record, _ = self._record(request.job_id, context)
+        return opt.ListInteractionsResponse(interactions=self.rounds.interactions(record.id))
+
+    def ListJobKinds(self, request: opt.ListJobKindsRequest, context: grpc.ServicerContext) -> opt.ListJobKindsResponse:
+        return opt.ListJobKindsResponse(kinds=[get_kind(name).info() for name in kind_names()])
+
+    def ListOptimizers(
+        self, request: opt.ListOptimizersRequest, context: grpc.ServicerContext
+    ) -> opt.ListOptimizersResponse:
+        return opt.ListOptimizersResponse(
+            optimizers=[
+                opt.OptimizerInfo(
+                    name=name,
+                    gradient=issubclass(cls, GradientOptimizer),
+                    description=(cls.__doc__ or "").strip().split("\n")[0],
+                )
+                for name, cls in sorted(OPTIMIZERS.items())
+            ]
         )
+
+
+_REFUSALS = {
+    AnswerOutcome.NOT_OPEN: "that round is no longer open (answered, expired, or the job moved on)",
+    AnswerOutcome.EXPIRED: "that round has expired",
+    AnswerOutcome.ALREADY_ANSWERED: "this rater has already answered that round",
+}
 
 
 @dataclass

@@ -9,9 +9,9 @@ are pinned at submission, so a version registered while the job waits does not c
 from __future__ import annotations
 
 import dataclasses
-import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from google.protobuf.message import Message
@@ -33,16 +33,11 @@ from gansteer_server.jobs.settings import JobSettings
 from gansteer_server.models import ModelCard
 from gansteer_server.proto import common_pb2
 from gansteer_server.proto import optimization_pb2 as opt
+from gansteer_server.wire import spec_fields
 from gansteer_server.wire.convert import float_tensor
 from gansteer_server.wire.errors import invalid_argument
 
 FIELD = "spec.inversion"
-_BACKENDS = {opt.BACKEND_UNSPECIFIED: "", opt.BACKEND_LOCAL: "local", opt.BACKEND_REMOTE: "remote"}
-_BUDGET_UNITS = {
-    opt.BUDGET_UNIT_UNSPECIFIED: "iterations",
-    opt.BUDGET_UNIT_ITERATIONS: "iterations",
-    opt.BUDGET_UNIT_GENERATOR_CALLS: "generator_calls",
-}
 # Free weights of the proto -> the criterion's term names.
 _WEIGHTS = {"lambda_s": "features", "lambda_l": "pixel_l2", "lambda_nu": "latent_norm", "lambda_r": "realism"}
 
@@ -62,6 +57,18 @@ class InversionJobSpec:
 class InversionJob(JobKind):
     name = "inversion"
     spec_type = InversionJobSpec
+    spec_message = opt.InversionSpec
+    description = "Find the latent (and class vector) whose image resembles each target image (seed 003)."
+    defaults: ClassVar[Mapping[str, Any]] = {
+        "criterion": "l2+features",
+        "optimizer": {"name": "adam", "learning_rate": InversionConfig.learning_rate, "population_size": 8},
+        "restarts": 1,
+        "conditioned_class": None,
+        "seed": 0,
+        "backend": "deployment default",
+        "feature_extractor": "the generator card's companion, else the deployment default",
+        "discriminator": "the generator card's companion",
+    }
 
     def parse(self, message: Message, context: SubmitContext) -> InversionJobSpec:
         assert isinstance(message, opt.InversionSpec)
@@ -80,7 +87,7 @@ class InversionJob(JobKind):
             discriminator=discriminator,
             feature_extractor=extractor.ref,
             config=config,
-            backend=_BACKENDS.get(message.backend, ""),
+            backend=spec_fields.BACKENDS.get(message.backend, ""),
         )
 
     @staticmethod
@@ -133,66 +140,39 @@ class InversionJob(JobKind):
                 f"{FIELD}.criterion", f"unknown preset {criterion!r}; expected one of {sorted(CRITERION_PRESETS)}"
             )
         weights = None
-        given = {name: getattr(message, name) for name in _WEIGHTS if message.HasField(name)}
-        for name, value in given.items():
-            if not math.isfinite(value) or value < 0:
-                raise invalid_argument(f"{FIELD}.{name}", f"must be a finite number >= 0, got {value}", "BAD_WEIGHT")
+        given = {
+            name: spec_fields.weight(getattr(message, name), f"{FIELD}.{name}")
+            for name in _WEIGHTS
+            if message.HasField(name)
+        }
         if given:
             preset = CRITERION_PRESETS[criterion]
             weights = CriterionWeights(
                 **{_WEIGHTS[name]: value for name, value in given.items()}
                 | {term: getattr(preset, term) for name, term in _WEIGHTS.items() if name not in given}
             )
-        optimizer = message.optimizer.name or "adam"
-        if optimizer not in OPTIMIZERS:
-            raise invalid_argument(
-                f"{FIELD}.optimizer.name", f"unknown optimizer {optimizer!r}; expected one of {sorted(OPTIMIZERS)}"
-            )
-        if message.optimizer.options.fields:
-            raise invalid_argument(
-                f"{FIELD}.optimizer.options",
-                f"inversion takes no optimizer options yet (got {sorted(message.optimizer.options.fields)})",
-            )
-        learning_rate = message.optimizer.learning_rate
-        if not math.isfinite(learning_rate) or learning_rate < 0:
-            raise invalid_argument(f"{FIELD}.optimizer.learning_rate", f"must be finite and >= 0, got {learning_rate}")
-        population = message.optimizer.population_size
-        if not 0 <= population <= limits.max_population:
-            raise invalid_argument(
-                f"{FIELD}.optimizer.population_size",
-                f"must be 0 (the default) to {limits.max_population}, got {population}",
-            )
-        budget = message.budget.amount
-        if not 0 < budget <= limits.max_budget:
-            raise invalid_argument(
-                f"{FIELD}.budget.amount", f"must be from 1 to {limits.max_budget} (this server's limit), got {budget}"
-            )
-        if message.budget.unit not in _BUDGET_UNITS:
-            raise invalid_argument(f"{FIELD}.budget.unit", f"unknown unit {message.budget.unit}")
+        choice = spec_fields.optimizer(
+            message.optimizer, f"{FIELD}.optimizer", OPTIMIZERS, "adam", limits.max_population
+        )
+        optimizer, learning_rate, population = choice.name, choice.learning_rate, choice.population
+        budget, budget_unit = spec_fields.budget(message.budget, f"{FIELD}.budget", limits.max_budget)
         restarts = message.restarts or 1
         if not 0 < restarts <= limits.max_restarts:
             raise invalid_argument(f"{FIELD}.restarts", f"must be 0 (one) to {limits.max_restarts}, got {restarts}")
         if message.HasField("initial_latents"):
             raise invalid_argument(f"{FIELD}.initial_latents", "starting latents are not supported yet", "UNSUPPORTED")
-        class_mode, class_ids = "none", None
-        if generator.num_classes:
-            class_mode = "search"
-            if message.HasField("conditioned_class"):
-                if not 0 <= message.conditioned_class < generator.num_classes:
-                    raise invalid_argument(
-                        f"{FIELD}.conditioned_class",
-                        f"class {message.conditioned_class} is out of range [0, {generator.num_classes})",
-                        "CLASS_OUT_OF_RANGE",
-                    )
-                class_mode, class_ids = "conditioned", (int(message.conditioned_class),)
-        elif message.HasField("conditioned_class"):
-            raise invalid_argument(f"{FIELD}.conditioned_class", f"{generator.ref} is not class-conditional")
+        class_mode, class_ids = ("search" if generator.num_classes else "none"), None
+        if message.HasField("conditioned_class"):
+            conditioned = spec_fields.class_id(
+                message.conditioned_class, f"{FIELD}.conditioned_class", generator.num_classes or 0, generator.ref
+            )
+            class_mode, class_ids = "conditioned", (conditioned,)
         values: dict[str, Any] = {
             "optimizer": optimizer,
             "criterion": criterion,
             "weights": weights,
             "budget": budget,
-            "budget_unit": _BUDGET_UNITS[message.budget.unit],
+            "budget_unit": budget_unit,
             "restarts": restarts,
             "class_mode": class_mode,
             "class_ids": class_ids,

@@ -1,4 +1,4 @@
-"""Job kinds behind a small registry: adding embedding AM, latent search or PIR tuning is one module each.
+"""The job-kind contract: what a kind provides and what the runner drives.
 
 A job kind is three things (STYLE: spec parsing + a call into `algorithms/` + checkpoint/progress):
 
@@ -10,25 +10,27 @@ A job kind is three things (STYLE: spec parsing + a call into `algorithms/` + ch
 - the `JobRun` it returns: one optimisation step at a time, a state dict of tensors and plain values (the
   checkpoint), a preview and the result.
 
-The runner (`jobs/runner.py`) does everything else: segments, leases, cancellation, time limits, events.
+A kind with rounds (`has_rounds`) may end a step by opening a `Round` (`StepProgress.round`); the runner then
+checkpoints the run and releases the worker, and the next segment hands the run the round's answers (`receive`)
+before its next step.
+
+The runner (`jobs/runner.py`) does everything else: segments, leases, cancellation, time limits, events, rounds.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import io
-import types
-import typing
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import torch
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from torch import Tensor
 
 from gansteer_server.jobs.backends import ModelBackend
+from gansteer_server.jobs.rounds import Answer, Round
 from gansteer_server.jobs.settings import JobSettings
 from gansteer_server.models import ModelCard, ModelNotFound, ModelRegistryError
 from gansteer_server.proto import common_pb2
@@ -84,6 +86,8 @@ class StepProgress:
     step: int
     generator_calls: int
     criterion: Mapping[str, float] = field(default_factory=dict)
+    #: A round this step opened: the job waits for its answers, holding no worker, before the next step.
+    round: Round | None = None
 
 
 class JobRun(Protocol):
@@ -112,6 +116,15 @@ class JobRun(Protocol):
         ...
 
 
+class RoundRun(JobRun, Protocol):
+    """The run of a kind with rounds: it also takes the answers of the round its last step opened."""
+
+    def receive(self, answers: list[Answer]) -> None:
+        """The answers of the round the last step opened (as many as it required), before the next step. Called
+        again with the same answers when a segment is re-run from the round's checkpoint (a lost worker)."""
+        ...
+
+
 class JobKind(ABC):
     """One kind of job, named by its field in `JobSpec.kind`."""
 
@@ -121,6 +134,15 @@ class JobKind(ABC):
     queue: str = GPU_QUEUE
     #: The frozen dataclass `parse` returns (the stored spec is decoded into it).
     spec_type: type[Any]
+    #: The kind's spec message in `JobSpec.kind` (its fields are the options `ListJobKinds` lists); None for kinds
+    #: submitted only from Python (tests).
+    spec_message: type[Message] | None = None
+    #: One sentence for `ListJobKinds`.
+    description: str = ""
+    #: Whether its runs open rounds that wait for feedback (their runs are `RoundRun`s).
+    has_rounds: bool = False
+    #: What an unset option of the spec message means, by field name (JSON-able values), for `ListJobKinds`.
+    defaults: Mapping[str, Any] = {}
 
     @abstractmethod
     def parse(self, message: Message, context: SubmitContext) -> Any:
@@ -134,78 +156,55 @@ class JobKind(ABC):
     def start(self, spec: Any, backend: ModelBackend, settings: JobSettings) -> JobRun:
         """The algorithm's run over the backend's models, at step 0 (the runner loads a checkpoint if any)."""
 
+    def options(self) -> list[opt.JobOption]:
+        """The spec message's fields with their types and the kind's defaults."""
+        if self.spec_message is None:
+            return []
+        return [
+            opt.JobOption(
+                name=f.name,
+                type=_field_type(f),
+                default_json=json.dumps(self.defaults[f.name]) if f.name in self.defaults else "",
+            )
+            for f in _descriptor(self.spec_message).fields
+        ]
+
+    def info(self) -> opt.JobKindInfo:
+        return opt.JobKindInfo(
+            name=self.name,
+            description=self.description,
+            has_rounds=self.has_rounds,
+            spec_message=_descriptor(self.spec_message).full_name if self.spec_message is not None else "",
+            options=self.options(),
+        )
+
     def backend_name(self, spec: Any, settings: JobSettings) -> str:
         """`local` or `remote`: where the spec's models run (the deployment's default unless the spec chose)."""
         chosen = getattr(spec, "backend", "")
         return chosen or settings.settings.backend
 
 
-_KINDS: dict[str, JobKind] = {}
+def _descriptor(message: type[Message]) -> Descriptor:
+    return message.DESCRIPTOR  # type: ignore[no-any-return]
 
 
-def register_kind(kind: JobKind) -> JobKind:
-    if kind.name in _KINDS:
-        raise ValueError(f"job kind {kind.name!r} is registered twice")
-    _KINDS[kind.name] = kind
-    return kind
+def _field_type(field: FieldDescriptor) -> str:
+    if field.message_type is not None:
+        name = field.message_type.full_name
+    elif field.enum_type is not None:
+        name = field.enum_type.full_name
+    else:
+        name = _SCALARS.get(field.type, "bytes")
+    return f"repeated {name}" if field.is_repeated else name
 
 
-def get_kind(name: str) -> JobKind:
-    _import_builtin_kinds()
-    try:
-        return _KINDS[name]
-    except KeyError:
-        raise KeyError(f"unknown job kind {name!r} (known: {', '.join(sorted(_KINDS))})") from None
-
-
-def kind_names() -> list[str]:
-    _import_builtin_kinds()
-    return sorted(_KINDS)
-
-
-def _import_builtin_kinds() -> None:
-    from gansteer_server.jobs import inversion_job  # noqa: F401
-
-
-# --- the validated spec as bytes: tensors and plain values only, read back with weights_only=True --------------
-
-
-def encode_spec(spec: Any) -> bytes:
-    """A frozen dataclass of plain values, tuples, tensors and nested dataclasses, as torch.save bytes."""
-    buffer = io.BytesIO()
-    torch.save(_to_plain(spec), buffer)
-    return buffer.getvalue()
-
-
-def decode_spec(spec_type: type[Any], data: bytes) -> Any:
-    plain = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    return _from_plain(spec_type, plain)
-
-
-def _to_plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, tuple):
-        return tuple(_to_plain(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _to_plain(v) for k, v in value.items()}
-    if value is None or isinstance(value, (bool, int, float, str, Tensor)):
-        return value
-    raise TypeError(f"a spec may hold plain values, tuples, dicts, tensors and dataclasses, not {type(value)}")
-
-
-def _from_plain(annotation: Any, value: Any) -> Any:
-    if value is None:
-        return None
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        nested = [a for a in typing.get_args(annotation) if dataclasses.is_dataclass(a)]
-        return _from_plain(nested[0], value) if nested and isinstance(value, dict) else value
-    if dataclasses.is_dataclass(annotation) and isinstance(value, dict):
-        hints = typing.get_type_hints(annotation)
-        return annotation(**{name: _from_plain(hints[name], item) for name, item in value.items()})
-    if origin is tuple and isinstance(value, (tuple, list)):
-        args = typing.get_args(annotation)
-        inner = args[0] if args else Any
-        return tuple(_from_plain(inner, v) for v in value)
-    return value
+_SCALARS = {
+    FieldDescriptor.TYPE_DOUBLE: "double",
+    FieldDescriptor.TYPE_FLOAT: "float",
+    FieldDescriptor.TYPE_INT64: "int64",
+    FieldDescriptor.TYPE_UINT64: "uint64",
+    FieldDescriptor.TYPE_INT32: "int32",
+    FieldDescriptor.TYPE_UINT32: "uint32",
+    FieldDescriptor.TYPE_BOOL: "bool",
+    FieldDescriptor.TYPE_STRING: "string",
+}
