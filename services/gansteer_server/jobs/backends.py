@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from gansteer_server.config import Settings
 from gansteer_server.models import ModelCard, ModelRegistry
-from gansteer_server.models.store import ImageInput, ModelStore, model_to_wire
+from gansteer_server.models.conditional import ConditionalGenerator
+from gansteer_server.models.store import ImageInput, ModelStore
 from gansteer_server.proto import (
     common_pb2,
     generation_pb2,
@@ -71,29 +72,6 @@ class ModelBackend(Protocol):
 # --- local -----------------------------------------------------------------------------------------------------
 
 
-class LocalGenerator:
-    """A generator module in this process, its output mapped to [-1, 1]."""
-
-    def __init__(self, module: nn.Module, card: ModelCard) -> None:
-        self.module, self.card = module, card
-        self._table: Tensor | None = None
-
-    def __call__(self, z: Tensor, condition: Tensor | None) -> Tensor:
-        images = self.module(z) if condition is None else self.module(z, condition)
-        return model_to_wire(images, self.card)
-
-    def class_embeddings(self) -> Tensor | None:
-        if not self.card.num_classes or not self.card.embedding_size:
-            return None
-        if self._table is None:
-            lookup = getattr(self.module, "class_embedding", None)
-            if lookup is None:
-                return None
-            with torch.no_grad():
-                self._table = lookup(torch.arange(self.card.num_classes)).detach().clone()
-        return self._table
-
-
 class LocalBackend:
     """Models loaded from the registry into this process (once each), in eval mode with frozen weights."""
 
@@ -116,7 +94,7 @@ class LocalBackend:
             return self._wrapped[key]
 
     def generator(self, ref: str) -> GeneratorModel:
-        return self._cached("generator", ref, LocalGenerator)  # type: ignore[no-any-return]
+        return self._cached("generator", ref, ConditionalGenerator)  # type: ignore[no-any-return]
 
     def discriminator(self, ref: str) -> Discriminator:
         return self._cached("scorer", ref, ImageInput)  # type: ignore[no-any-return]

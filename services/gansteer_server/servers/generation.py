@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import grpc
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from gansteer_server.models import ModelCard
+from gansteer_server.models.conditional import ConditionalGenerator
 from gansteer_server.models.store import ModelStore, model_to_wire
 from gansteer_server.proto import common_pb2, generation_pb2, generation_pb2_grpc
 from gansteer_server.servers import sampling
@@ -188,14 +189,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         return card.num_classes
 
     def _embedding_table(self, card: ModelCard) -> Tensor:
-        table = getattr(self.store.torch_model(card), "embedding", None)
-        if not isinstance(table, nn.Embedding):
+        table = ConditionalGenerator(self.store.torch_model(card), card).class_embeddings()
+        if table is None:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"{card.ref} has no class embedding table to look ids up in; send embeddings",
                 "condition.class_ids",
             )
-        return table.weight.detach()
+        return table
 
     # --- running --------------------------------------------------------------------------------------------------
 
