@@ -41,6 +41,7 @@ from gansteer_server.models import ModelRegistry
 from gansteer_server.models.architectures.scenes import ScenesClassifier, ScenesDiscriminator, ScenesGenerator
 from gansteer_server.proto import optimization_pb2 as opt
 from gansteer_server.servers.optimization import RunningOptimizationService, start_optimization_server
+from gansteer_server.wire.convert import float_tensor
 
 OptimizationStub = optimization_pb2_grpc.OptimizationServiceStub
 REDIS_URL = os.environ.get("GANSTEER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -258,7 +259,7 @@ class RoundRun:
 
     def result(self) -> opt.JobResult:
         result = opt.JobResult(metrics={"rounds_answered": float(len(self._picks))})
-        result.images.tensor.CopyFrom(common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT32, shape=[0, 3, 4, 4]))
+        result.images.tensor.CopyFrom(float_tensor(torch.zeros(len(self._picks), 3, 4, 4)))  # one item per round
         for picks in self._picks:
             result.item_metrics.add(values={f"pick{i}": float(index) for i, index in enumerate(picks)})
         return result
