@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gansteer import _convert, _specs, errors, tensors
-from gansteer.types import InversionResult, JobState, ModelInfo, ProgressEvent, ResultEvent, StateChanged
+from gansteer import InversionResult, _convert, errors, tensors
+from gansteer.kinds import inversion_spec, result_type
+from gansteer.types import JobState, ModelInfo, ProgressEvent, ResultEvent, StateChanged
 from gansteer.v1 import common_pb2, optimization_pb2
 
 
@@ -116,13 +117,13 @@ def test_error_mapping_keeps_message_and_details() -> None:
 
 
 def test_inversion_spec_sends_only_what_the_caller_set() -> None:
-    spec = _specs.inversion_spec(np.zeros((4, 4, 3), np.uint8), model="scenes-gen@2")
+    spec = inversion_spec(np.zeros((4, 4, 3), np.uint8), model="scenes-gen@2")
     inversion = spec.inversion
     assert inversion.generator.name == "scenes-gen@2" and len(inversion.targets) == 1
     assert not inversion.HasField("optimizer") and inversion.budget.amount == 300  # the server requires a budget
     assert not inversion.HasField("lambda_s") and not inversion.HasField("conditioned_class")
     assert spec.idempotency_key  # makes a retried SubmitJob harmless
-    full = _specs.inversion_spec(
+    full = inversion_spec(
         [np.zeros((4, 4), np.uint8)] * 2,
         model="g",
         optimizer="lbfgs",
@@ -138,9 +139,9 @@ def test_inversion_spec_sends_only_what_the_caller_set() -> None:
     assert full.budget.unit == optimization_pb2.BUDGET_UNIT_GENERATOR_CALLS and full.budget.amount == 50
     assert full.HasField("lambda_r") and full.lambda_r == 0.0 and full.conditioned_class == 1
     with pytest.raises(errors.InvalidArgument, match="no class named 'sea'"):
-        _specs.inversion_spec(np.zeros((4, 4), np.uint8), model="g", conditioned_class="sea", card=_card(("a",)))
+        inversion_spec(np.zeros((4, 4), np.uint8), model="g", conditioned_class="sea", card=_card(("a",)))
     with pytest.raises(errors.InvalidArgument, match="at least one target"):
-        _specs.inversion_spec([], model="g")
+        inversion_spec([], model="g")
 
 
 def _card(names: tuple[str, ...]) -> ModelInfo:
@@ -171,7 +172,9 @@ def test_events_and_results_decode_to_typed_values() -> None:
             steps=[0, 1], values={"total": tensors.to_tensor_proto(np.ones((1, 2), np.float32))}
         ),
     )
-    decoded = _convert.job_event(optimization_pb2.JobEvent(event_id="3-0", result=result), kind="inversion")
+    decoded = _convert.job_event(
+        optimization_pb2.JobEvent(event_id="3-0", result=result), result_type=result_type("inversion")
+    )
     assert isinstance(decoded, ResultEvent) and isinstance(decoded.result, InversionResult)
     assert decoded.result.criterion == [0.25] and decoded.result.psnr == [20.0]
     assert decoded.result.latents.shape == (1, 8) and decoded.result.class_embeddings is None

@@ -24,24 +24,31 @@ from PIL import Image as PILImage
 from gansteer import tensors
 from gansteer.errors import ErrorDetail, InvalidArgument
 from gansteer.types import (
+    AnswerKind,
     CriterionCurve,
+    FeedbackRound,
     FeedbackRoundEvent,
-    InversionResult,
+    GenerationResult,
+    Interaction,
     JobEvent,
+    JobKindInfo,
+    JobOption,
     JobResult,
     JobState,
     JobStatus,
     ModelInfo,
+    OptimizerInfo,
     PreviewEvent,
     ProgressEvent,
     ResultEvent,
+    RoundItem,
     ScoreOutput,
     ScoreResult,
     ScorerInfo,
     ScorerParam,
     StateChanged,
 )
-from gansteer.v1 import common_pb2, optimization_pb2, scoring_pb2
+from gansteer.v1 import common_pb2, generation_pb2, optimization_pb2, scoring_pb2
 
 ImageInput: TypeAlias = PILImage.Image | str | os.PathLike[str] | npt.NDArray[Any] | bytes
 """What the SDK accepts as an image: a PIL image, a path to an image file, PNG (or other image file) bytes, or a
@@ -67,6 +74,17 @@ _STATES = {
     optimization_pb2.JOB_STATE_CANCELLED: JobState.CANCELLED,
 }
 _STATE_PROTOS = {state: wire for wire, state in _STATES.items()}
+_ANSWER_KINDS = {
+    optimization_pb2.ANSWER_KIND_CHOICE: AnswerKind.CHOICE,
+    optimization_pb2.ANSWER_KIND_PAIRWISE: AnswerKind.PAIRWISE,
+    optimization_pb2.ANSWER_KIND_RATING: AnswerKind.RATING,
+}
+# A coarse pairwise answer as the graded score it stands for (optimization.proto, PairwiseJudgement).
+PREFERENCE_SCORES = {
+    optimization_pb2.PREFERENCE_LEFT: 1.0,
+    optimization_pb2.PREFERENCE_RIGHT: -1.0,
+    optimization_pb2.PREFERENCE_TIE: 0.0,
+}
 KIND_PROTOS = {name: wire for wire, name in _KINDS.items()}
 
 
@@ -215,6 +233,17 @@ def model_info(card: common_pb2.ModelCard) -> ModelInfo:
     )
 
 
+def generation_result(response: generation_pb2.GenerateResponse) -> GenerationResult:
+    latents = optional_array(response.latents, field="latents")
+    return GenerationResult(
+        images=batch_to_pil(response.images),
+        latents=latents if latents is not None else np.zeros((0, 0), np.float32),
+        class_ids=list(response.class_ids),
+        class_embeddings=optional_array(response.class_embeddings, field="class_embeddings"),
+        model=ref_text(response.model),
+    )
+
+
 def scorer_info(scorer: scoring_pb2.Scorer) -> ScorerInfo:
     return ScorerInfo(
         name=scorer.name,
@@ -275,18 +304,18 @@ def job_status(job: optimization_pb2.Job) -> JobStatus:
         started_at=_time(job.started_at),
         finished_at=_time(job.finished_at),
         expires_at=_time(job.expires_at),
+        pending_round=feedback_round(job.pending_round, job_id=job.id) if job.pending_round.round_id else None,
     )
 
 
-def job_result(result: optimization_pb2.JobResult, *, kind: str = "") -> JobResult:
-    """A JobResult (an InversionResult for inversion jobs) with images decoded and arrays copied out."""
+def job_result(result: optimization_pb2.JobResult, *, result_type: type[JobResult] = JobResult) -> JobResult:
+    """A JobResult (of the kind's `result_type`, e.g. InversionResult) with images decoded and arrays copied out."""
     latents = optional_array(result.latents, field="result.latents")
     values = {
         name: tensors.from_tensor_proto(t, field=f"result.curve.values[{name}]", copy=True)
         for name, t in result.curve.values.items()
     }
-    cls = InversionResult if kind == "inversion" else JobResult
-    return cls(
+    return result_type(
         job_id=result.job_id,
         images=batch_to_pil(result.images),
         latents=latents if latents is not None else np.zeros((0, 0), np.float32),
@@ -302,7 +331,7 @@ def job_result(result: optimization_pb2.JobResult, *, kind: str = "") -> JobResu
     )
 
 
-def job_event(event: optimization_pb2.JobEvent, *, kind: str = "") -> JobEvent:
+def job_event(event: optimization_pb2.JobEvent, *, result_type: type[JobResult] = JobResult) -> JobEvent:
     """The typed event for one WatchJob message; an unknown payload (a newer server) becomes a bare JobEvent."""
     base: dict[str, Any] = {"event_id": event.event_id, "job_id": event.job_id, "time": _time(event.time)}
     payload = event.WhichOneof("payload")
@@ -332,7 +361,91 @@ def job_event(event: optimization_pb2.JobEvent, *, kind: str = "") -> JobEvent:
             images=batch_to_pil(r.images),
             choose=r.choose,
             num_pairs=r.num_pairs,
+            feedback_round=feedback_round(r, job_id=event.job_id),
         )
     if payload == "result":
-        return ResultEvent(**base, result=job_result(event.result, kind=kind))
+        return ResultEvent(**base, result=job_result(event.result, result_type=result_type))
     return JobEvent(**base)
+
+
+# --- the server's capabilities and the rounds of human-in-the-loop jobs --------------------------------------------
+
+
+def job_kind_info(kind: optimization_pb2.JobKindInfo) -> JobKindInfo:
+    return JobKindInfo(
+        name=kind.name,
+        description=kind.description,
+        has_rounds=kind.has_rounds,
+        spec_message=kind.spec_message,
+        options=tuple(JobOption(o.name, o.type, o.default_json) for o in kind.options),
+    )
+
+
+def optimizer_info(info: optimization_pb2.OptimizerInfo) -> OptimizerInfo:
+    return OptimizerInfo(name=info.name, gradient=info.gradient, description=info.description)
+
+
+def answer_kind(wire: int) -> AnswerKind:
+    return _ANSWER_KINDS.get(wire, AnswerKind.UNSPECIFIED)  # type: ignore[call-overload, no-any-return]
+
+
+def round_item(item: optimization_pb2.RoundItem, *, field: str) -> RoundItem:
+    condition = item.condition.WhichOneof("condition")
+    embedding = None
+    if condition == "embeddings":
+        embedding = tensors.from_tensor_proto(item.condition.embeddings, field=f"{field}.condition", copy=True)
+        embedding = embedding.reshape(-1)
+    return RoundItem(
+        item_id=item.item_id,
+        seed=item.seed,
+        latent=tensors.from_tensor_proto(item.latent, field=f"{field}.latent", copy=True).reshape(-1),
+        class_id=int(item.condition.class_ids.ids[0]) if condition == "class_ids" else None,
+        embedding=embedding,
+        parent_ids=tuple(item.parent_ids),
+    )
+
+
+def round_items(items: Iterable[optimization_pb2.RoundItem]) -> tuple[RoundItem, ...]:
+    return tuple(round_item(item, field=f"items[{i}]") for i, item in enumerate(items))
+
+
+def feedback_round(message: optimization_pb2.FeedbackRound, *, job_id: str) -> FeedbackRound:
+    return FeedbackRound(
+        job_id=job_id,
+        round_id=message.round_id,
+        round=message.round,
+        answer=answer_kind(message.answer),
+        items=round_items(message.items),
+        pairs=tuple((pair.left, pair.right) for pair in message.pairs),
+        choose=message.choose,
+        allow_repeats=message.allow_repeats,
+        rating_min=message.rating_min,
+        rating_max=message.rating_max,
+        answers_required=message.answers_required,
+        answers_received=message.answers_received,
+        generator=ref_text(message.generator),
+        expires_at=_time(message.expires_at),
+    )
+
+
+def interaction(message: optimization_pb2.Interaction) -> Interaction:
+    answer = message.WhichOneof("answer")
+    judgements = sorted(message.pairwise.judgements, key=lambda j: j.pair)
+    return Interaction(
+        job_id=message.job_id,
+        round_id=message.round_id,
+        round=message.round,
+        rater=message.rater,
+        time=_time(message.time),
+        latency_s=message.latency_s,
+        answer=answer_kind(message.answer_kind),
+        choice=tuple(message.choice.indices) if answer == "choice" else None,
+        pairwise=tuple(j.score if j.HasField("score") else PREFERENCE_SCORES.get(j.preference, 0.0) for j in judgements)
+        if answer == "pairwise"
+        else None,
+        ratings=tuple(message.ratings.values) if answer == "ratings" else None,
+        items=round_items(message.items),
+        pairs=tuple((pair.left, pair.right) for pair in message.pairs),
+        generator=ref_text(message.generator),
+        idempotency_key=message.idempotency_key,
+    )

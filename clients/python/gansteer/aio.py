@@ -1,9 +1,9 @@
 """The asyncio client: the same calls as `gansteer.Client`, as coroutines on `grpc.aio` channels.
 
 For code that already runs an event loop (a web backend, a design tool's server) and must not block it while a job
-runs. Requests and results are built by the same functions as the blocking client's, so the two cannot disagree;
-the retry, deadline and reconnect rules are the same too. Create and use an `AsyncClient` inside the event loop
-that runs it (grpc.aio channels belong to one loop).
+runs. Both clients perform the same operations (`gansteer._core`): every request, reply, retry, deadline and
+reconnect rule is written once, and tests/test_sdk_parity.py holds their methods and signatures equal. Create and
+use an `AsyncClient` inside the event loop that runs it (grpc.aio channels belong to one loop).
 
     async with gansteer.AsyncClient("localhost:50053") as client:
         job = await client.invert(image, model="scenes-gen", budget=200)
@@ -15,54 +15,49 @@ that runs it (grpc.aio channels belong to one loop).
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar, Unpack
 
 import grpc  # type: ignore[import-untyped]
 import grpc.aio  # type: ignore[import-untyped]
-import numpy as np
 import numpy.typing as npt
+from PIL import Image as PILImage
 
-from gansteer import _convert, _specs
-from gansteer._convert import ImageInput
-from gansteer._progress import ProgressBar
-from gansteer._specs import ClassSpec, InversionOptions, Outputs
-from gansteer._transport import (
-    CHANNEL_OPTIONS,
-    DEFAULT_TARGET,
-    auth_metadata,
-    backoff_delay,
-    resolve_targets,
-)
-from gansteer.errors import DeadlineExceeded, JobCancelled, JobFailed, from_rpc_error
+from gansteer._convert import ImageInput, batch_to_pil
+from gansteer._core import Await, Call, Core, Emit, Feed, Service, Sleep, Steps, Stream, round_fields, settle
+from gansteer._specs import ClassSpec, Outputs
+from gansteer._transport import CHANNEL_OPTIONS, DEFAULT_TARGET, auth_metadata, resolve_targets
+from gansteer.client import STUBS
+from gansteer.errors import GansteerError, from_rpc_error
+from gansteer.kinds import InversionOptions
 from gansteer.types import (
+    Answer,
+    AsyncRater,
+    AsyncRound,
+    FeedbackResult,
+    FeedbackRound,
     GenerationResult,
+    Interaction,
     JobEvent,
+    JobKindInfo,
     JobResult,
     JobState,
     JobStatus,
     ModelInfo,
-    ProgressEvent,
+    OptimizerInfo,
     ScoreResult,
     ScorerInfo,
-    StateChanged,
 )
-from gansteer.v1 import (
-    generation_pb2,
-    generation_pb2_grpc,
-    optimization_pb2,
-    optimization_pb2_grpc,
-    scoring_pb2,
-    scoring_pb2_grpc,
-)
+from gansteer.v1 import common_pb2, optimization_pb2
 
-R = TypeVar("R")
+T = TypeVar("T")
 
 
 class AsyncClient:
-    """`gansteer.Client` for asyncio: same constructor arguments, every method a coroutine."""
+    """`gansteer.Client` for asyncio: same constructor arguments, every method a coroutine (iterations are async
+    iterators)."""
 
     def __init__(
         self,
@@ -82,12 +77,15 @@ class AsyncClient:
         )
         self._metadata = auth_metadata(api_key)
         self._channels: dict[str, grpc.aio.Channel] = {}
-        generation_channel = self._channel(self.generation_target, credentials)
-        self._generation = generation_pb2_grpc.GenerationServiceStub(generation_channel)  # type: ignore[no-untyped-call]
-        self._scoring = scoring_pb2_grpc.ScoringServiceStub(self._channel(self.scoring_target, credentials))  # type: ignore[no-untyped-call]
-        optimization_channel = self._channel(self.target, credentials)
-        self._optimization = optimization_pb2_grpc.OptimizationServiceStub(optimization_channel)  # type: ignore[no-untyped-call]
-        self._cards: dict[str, ModelInfo] = {}
+        self._targets: dict[Service, str] = {
+            "generation": self.generation_target,
+            "scoring": self.scoring_target,
+            "optimization": self.target,
+        }
+        self._stubs: dict[Service, Any] = {
+            service: stub(self._channel(self._targets[service], credentials)) for service, stub in STUBS.items()
+        }
+        self._core = Core(self)
 
     def _channel(self, target: str, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
         if target not in self._channels:
@@ -111,41 +109,69 @@ class AsyncClient:
     ) -> None:
         await self.close()
 
-    async def _call(
-        self,
-        method: Callable[..., Awaitable[R]],
-        request: Any,
-        *,
-        target: str,
-        idempotent: bool = True,
-        timeout: float | None = None,
-    ) -> R:
-        attempt = 0
-        while True:
-            try:
-                return await method(request, timeout=timeout or self.timeout, metadata=self._metadata)
-            except grpc.aio.AioRpcError as error:
-                if idempotent and error.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
-                    await asyncio.sleep(backoff_delay(attempt))
-                    attempt += 1
-                    continue
-                raise from_rpc_error(error, target=target) from error
+    def __repr__(self) -> str:
+        return (
+            f"AsyncClient(target={self.target!r}, generation_target={self.generation_target!r}, "
+            f"scoring_target={self.scoring_target!r})"
+        )
+
+    # --- performing the core's operations ---------------------------------------------------------------------
+
+    async def _run(self, operation: Steps[T]) -> T:
+        """Performs one operation of the core (`gansteer._core`) and returns its value."""
+        async with contextlib.aclosing(self._iterate(settle(operation))) as values:
+            return await anext(values)
+
+    async def _iterate(self, operation: Feed[T]) -> AsyncGenerator[T, None]:
+        """As `Client._iterate`, awaiting each step on grpc.aio."""
+        stream: tuple[Any, Any] | None = None  # (the Stream step, its open call)
+        reply: Any = None
+        error: GansteerError | None = None
+        try:
+            while True:
+                try:
+                    step = operation.send(reply) if error is None else operation.throw(error)
+                except StopIteration:
+                    return
+                reply, error = None, None
+                if isinstance(step, Emit):
+                    yield step.value
+                elif isinstance(step, Sleep):
+                    await asyncio.sleep(step.seconds)
+                elif isinstance(step, Await):
+                    reply = await step.awaitable
+                else:
+                    try:
+                        reply, stream = await self._perform(step, stream)
+                    except grpc.RpcError as failure:
+                        error = from_rpc_error(failure, target=self._targets[step.service])
+                        error.__cause__ = failure
+        finally:
+            if stream is not None:
+                stream[1].cancel()
+            operation.close()
+
+    async def _perform(self, step: Call | Stream, stream: tuple[Any, Any] | None) -> tuple[Any, tuple[Any, Any] | None]:
+        """One call's reply (a stream's next message, None at its end), and the stream open after it."""
+        method = getattr(self._stubs[step.service], step.method)
+        if isinstance(step, Call):
+            return await method(step.request, timeout=step.timeout or self.timeout, metadata=self._metadata), stream
+        if stream is None or stream[0] is not step:
+            if stream is not None:
+                stream[1].cancel()
+            stream = (step, method(step.request, timeout=step.timeout, metadata=self._metadata))
+        message = await stream[1].read()
+        return (None if message is grpc.aio.EOF else message), stream
+
+    # --- models and images ----------------------------------------------------------------------------------------
 
     async def models(
         self, kind: str | None = None, *, name_contains: str = "", all_versions: bool = False
     ) -> list[ModelInfo]:
-        request = generation_pb2.ListModelsRequest(
-            kind=_convert.KIND_PROTOS[kind] if kind else None, name_contains=name_contains, all_versions=all_versions
-        )
-        response = await self._call(self._generation.ListModels, request, target=self.generation_target)
-        return [_convert.model_info(card) for card in response.models]
+        return await self._run(self._core.models(kind, name_contains=name_contains, all_versions=all_versions))
 
     async def model(self, name: str) -> ModelInfo:
-        if name not in self._cards:
-            request = generation_pb2.GetModelRequest(model=_convert.model_ref(name))
-            response = await self._call(self._generation.GetModel, request, target=self.generation_target)
-            self._cards[name] = _convert.model_info(response.card)
-        return self._cards[name]
+        return await self._run(self._core.model(name))
 
     async def generate(
         self,
@@ -159,8 +185,7 @@ class AsyncClient:
         embeddings: npt.ArrayLike | None = None,
         timeout: float | None = None,
     ) -> GenerationResult:
-        card = await self.model(model) if _specs.needs_card(classes) else None
-        request = _specs.generate_request(
+        operation = self._core.generate(
             model,
             n,
             seed=seed,
@@ -168,22 +193,12 @@ class AsyncClient:
             truncation=truncation,
             latents=latents,
             embeddings=embeddings,
-            card=card,
+            timeout=timeout,
         )
-        response = await self._call(self._generation.Generate, request, target=self.generation_target, timeout=timeout)
-        latents_out = _convert.optional_array(response.latents, field="latents")
-        return GenerationResult(
-            images=_convert.batch_to_pil(response.images),
-            latents=latents_out if latents_out is not None else np.zeros((0, 0), np.float32),
-            class_ids=list(response.class_ids),
-            class_embeddings=_convert.optional_array(response.class_embeddings, field="class_embeddings"),
-            model=_convert.ref_text(response.model),
-        )
+        return await self._run(operation)
 
     async def scorers(self, model_kind: str | None = None) -> list[ScorerInfo]:
-        request = scoring_pb2.ListScorersRequest(model_kind=_convert.KIND_PROTOS[model_kind] if model_kind else None)
-        response = await self._call(self._scoring.ListScorers, request, target=self.scoring_target)
-        return [_convert.scorer_info(scorer) for scorer in response.scorers]
+        return await self._run(self._core.scorers(model_kind))
 
     async def score(
         self,
@@ -193,35 +208,25 @@ class AsyncClient:
         *,
         timeout: float | None = None,
     ) -> ScoreResult:
-        if outputs is None:
-            kind = (await self.model(scorer)).kind
-            if kind not in _specs.DEFAULT_OUTPUTS:
-                raise _specs._invalid("outputs", f"{scorer} is a {kind}; name the outputs to compute")
-            outputs = _specs.DEFAULT_OUTPUTS[kind]
-        request = _specs.score_request(images, scorer, outputs)
-        response = await self._call(self._scoring.Score, request, target=self.scoring_target, timeout=timeout)
-        return _convert.score_result(response.outputs)
+        return await self._run(self._core.score(images, scorer, outputs, timeout=timeout))
+
+    # --- jobs -----------------------------------------------------------------------------------------------------
 
     async def invert(
         self, target: ImageInput | Sequence[ImageInput], *, model: str, **options: Unpack[InversionOptions]
     ) -> AsyncJob:
         """Submits an inversion job; the options are those of `Client.invert`."""
-        card = await self.model(model) if isinstance(options.get("conditioned_class"), str) else None
-        return await self.submit(_specs.inversion_spec(target, model=model, card=card, **options))
+        job_id, kind = await self._run(self._core.invert(target, model=model, options=options))
+        return AsyncJob(self, job_id, kind=kind)
 
     async def submit(self, spec: optimization_pb2.JobSpec) -> AsyncJob:
-        response = await self._call(
-            self._optimization.SubmitJob,
-            optimization_pb2.SubmitJobRequest(spec=spec),
-            target=self.target,
-            idempotent=bool(spec.idempotency_key),
-        )
-        return AsyncJob(self, response.job_id, kind=response.job.kind or str(spec.WhichOneof("kind") or ""))
+        job_id, kind = await self._run(self._core.submit(spec))
+        return AsyncJob(self, job_id, kind=kind)
 
     async def job(self, job_id: str) -> AsyncJob:
         return AsyncJob(self, job_id, kind=(await self.get_job(job_id)).kind)
 
-    async def jobs(
+    def jobs(
         self,
         *,
         states: Sequence[JobState | str] = (),
@@ -230,37 +235,27 @@ class AsyncClient:
         limit: int | None = None,
         page_size: int = 50,
     ) -> AsyncIterator[JobStatus]:
-        token, seen = "", 0
-        while True:
-            request = _convert.list_jobs_request(
-                page_size=page_size, page_token=token, states=states, kind=kind, labels=labels
-            )
-            response = await self._call(self._optimization.ListJobs, request, target=self.target)
-            for job in response.jobs:
-                if limit is not None and seen >= limit:
-                    return
-                seen += 1
-                yield _convert.job_status(job)
-            token = response.next_page_token
-            if not token:
-                return
+        return self._iterate(self._core.jobs(states=states, kind=kind, labels=labels, limit=limit, page_size=page_size))
+
+    async def job_kinds(self) -> list[JobKindInfo]:
+        return await self._run(self._core.job_kinds())
+
+    async def optimizers(self) -> list[OptimizerInfo]:
+        return await self._run(self._core.optimizers())
 
     async def get_job(self, job_id: str) -> JobStatus:
-        request = optimization_pb2.GetJobRequest(job_id=job_id, view=optimization_pb2.JOB_VIEW_BASIC)
-        response = await self._call(self._optimization.GetJob, request, target=self.target)
-        return _convert.job_status(response.job)
+        return await self._run(self._core.get_job(job_id))
+
+    async def get_job_spec(self, job_id: str) -> optimization_pb2.JobSpec:
+        return await self._run(self._core.get_job_spec(job_id))
 
     async def cancel_job(self, job_id: str, reason: str = "") -> JobStatus:
-        request = optimization_pb2.CancelJobRequest(job_id=job_id, reason=reason)
-        response = await self._call(self._optimization.CancelJob, request, target=self.target)
-        return _convert.job_status(response.job)
+        return await self._run(self._core.cancel_job(job_id, reason))
 
-    async def get_result(self, job_id: str, *, kind: str = "") -> JobResult:
-        request = optimization_pb2.GetResultRequest(job_id=job_id)
-        response = await self._call(self._optimization.GetResult, request, target=self.target)
-        return _convert.job_result(response.result, kind=kind)
+    async def get_result(self, job_id: str, *, kind: str = "", timeout: float | None = None) -> JobResult:
+        return await self._run(self._core.get_result(job_id, kind=kind, timeout=timeout))
 
-    async def watch_job(
+    def watch_job(
         self,
         job_id: str,
         *,
@@ -270,36 +265,31 @@ class AsyncClient:
         deadline: float | None = None,
     ) -> AsyncIterator[JobEvent]:
         """As `Client.watch_job`: events until the final state, resuming after the last one on reconnect."""
-        last, failures = after_event_id, 0
-        while True:
-            window = self.watch_window
-            if deadline is not None:
-                window = min(window, deadline - time.monotonic())
-                if window <= 0:
-                    raise DeadlineExceeded(f"job {job_id}: still running when the wait's deadline passed")
-            request = optimization_pb2.WatchJobRequest(job_id=job_id, after_event_id=last, skip_previews=not previews)
-            stream = self._optimization.WatchJob(request, timeout=window, metadata=self._metadata)
-            received = broken = False
-            try:
-                async for message in stream:
-                    received, failures = True, 0
-                    last = message.event_id or last
-                    event = _convert.job_event(message, kind=kind)
-                    yield event
-                    if isinstance(event, StateChanged) and event.state.terminal:
-                        return
-            except grpc.aio.AioRpcError as error:
-                if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    continue
-                if error.code() != grpc.StatusCode.UNAVAILABLE or failures >= self.retries:
-                    raise from_rpc_error(error, target=self.target) from error
-                broken = True
-            finally:
-                stream.cancel()
-            if not broken and not received and (await self.get_job(job_id)).state.terminal:
-                return
-            await asyncio.sleep(backoff_delay(failures))
-            failures += 1
+        operation = self._core.watch_job(
+            job_id, after_event_id=after_event_id, previews=previews, kind=kind, deadline=deadline
+        )
+        return self._iterate(operation)
+
+    async def interactions(self, job_id: str) -> list[Interaction]:
+        return await self._run(self._core.interactions(job_id))
+
+    async def submit_feedback(
+        self,
+        job_id: str,
+        round: FeedbackRound | str,
+        *,
+        choice: Sequence[int] | None = None,
+        pairwise: Sequence[float | str] | None = None,
+        ratings: Sequence[float] | None = None,
+        rater: str = "",
+        idempotency_key: str | None = None,
+        latency_s: float = 0.0,
+    ) -> FeedbackResult:
+        answer = Answer(choice=choice, pairwise=pairwise, ratings=ratings)
+        operation = self._core.submit_feedback(
+            job_id, round, answer, rater=rater, idempotency_key=idempotency_key, latency_s=latency_s
+        )
+        return await self._run(operation)
 
 
 class AsyncJob:
@@ -321,24 +311,64 @@ class AsyncJob:
 
     async def wait(self, *, progress: bool = False, timeout: float | None = None) -> JobStatus:
         """As `Job.wait`; the bar is off by default, since async code rarely owns the terminal."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with ProgressBar(f"{self.kind or 'job'} {self.id[:12]}", enabled=progress) as bar:
-            async for event in self._client.watch_job(self.id, previews=False, kind=self.kind, deadline=deadline):
-                if isinstance(event, ProgressEvent):
-                    bar.update(event.step, event.total_steps, event.criterion, event.elapsed_s)
-                elif isinstance(event, StateChanged) and event.state.terminal:
-                    break
-        status = await self.status()
-        if status.state == JobState.CANCELLED:
-            raise JobCancelled(status)
-        if status.state != JobState.SUCCEEDED:
-            raise JobFailed(status)
-        return status
+        client = self._client
+        return await client._run(client._core.wait(self.id, kind=self.kind, progress=progress, timeout=timeout))
+
+    async def spec(self) -> optimization_pb2.JobSpec:
+        return await self._client.get_job_spec(self.id)
+
+    async def targets(self) -> list[PILImage.Image]:
+        spec = await self.spec()
+        if spec.WhichOneof("kind") != "inversion":
+            return []
+        return batch_to_pil(common_pb2.ImageBatch(images=spec.inversion.targets))
 
     async def cancel(self, reason: str = "") -> JobStatus:
         return await self._client.cancel_job(self.id, reason)
 
-    async def result(self, *, wait: bool = True) -> JobResult:
+    async def result(self, *, wait: bool = True, progress: bool = False) -> JobResult:
         if wait:
-            await self.wait()
+            await self.wait(progress=progress)
         return await self._client.get_result(self.id, kind=self.kind)
+
+    async def rounds(self) -> AsyncIterator[AsyncRound]:
+        client = self._client
+        async for round in client._iterate(client._core.rounds(self.id)):
+            yield self._bind(round)
+
+    async def feedback(
+        self,
+        round: FeedbackRound | str,
+        *,
+        choice: Sequence[int] | None = None,
+        pairwise: Sequence[float | str] | None = None,
+        ratings: Sequence[float] | None = None,
+        rater: str = "",
+        idempotency_key: str | None = None,
+        latency_s: float = 0.0,
+    ) -> FeedbackResult:
+        return await self._client.submit_feedback(
+            self.id,
+            round,
+            choice=choice,
+            pairwise=pairwise,
+            ratings=ratings,
+            rater=rater,
+            idempotency_key=idempotency_key,
+            latency_s=latency_s,
+        )
+
+    async def answer_rounds(self, rater: AsyncRater, *, max_rounds: int | None = None, rater_id: str = "") -> JobStatus:
+        """As `Job.answer_rounds`; `rater` may be a plain function or a coroutine function."""
+        client = self._client
+        operation = client._core.answer_rounds(
+            self.id, rater, bind=self._bind, max_rounds=max_rounds, rater_id=rater_id
+        )
+        return await client._run(operation)
+
+    async def interactions(self) -> list[Interaction]:
+        return await self._client.interactions(self.id)
+
+    def _bind(self, round: FeedbackRound) -> AsyncRound:
+        client = self._client
+        return AsyncRound(**round_fields(round), _render=lambda shown: client._run(client._core.render(shown)))

@@ -1,4 +1,5 @@
-"""`gansteer`: the command line over the SDK: start a local stack, list models, generate, invert, manage jobs.
+"""`gansteer`: the command line over the SDK: start a local stack, list models, job kinds and optimizers, generate,
+invert, manage jobs.
 
 Scripts rely on two things: `--json` (one JSON document on stdout; `jobs watch --json` writes one per event) and the
 exit codes, which say what went wrong without parsing messages:
@@ -25,11 +26,11 @@ from typing import Any, cast
 import numpy as np
 
 from gansteer import errors
-from gansteer._specs import DEFAULT_BUDGET, InversionOptions
 from gansteer._transport import DEFAULT_TARGET
 from gansteer.client import Client
 from gansteer.images import image_grid, save_inversion
 from gansteer.job import Job
+from gansteer.kinds.inversion import DEFAULT_BUDGET, InversionOptions
 from gansteer.types import JobState, StateChanged
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_UNAVAILABLE, EXIT_JOB_FAILED = 0, 1, 2, 3, 4, 5, 6
@@ -101,6 +102,37 @@ def cmd_models(args: argparse.Namespace) -> int:
         models,
         lambda: (
             "\n".join(f"{m.ref:28} {m.kind:18} {m.resolution:>4}px  {m.description}" for m in models) or "no models"
+        ),
+    )
+    return EXIT_OK
+
+
+def cmd_kinds(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        kinds = client.job_kinds()
+
+    def table() -> str:
+        lines = []
+        for kind in kinds:
+            lines.append(f"{kind.name:24} {'rounds' if kind.has_rounds else '':7} {kind.description}")
+            lines += [f"    {o.name:24} {o.type:28} {o.default_json}".rstrip() for o in kind.options]
+        return "\n".join(lines) or "no job kinds"
+
+    _emit(args, kinds, table)
+    return EXIT_OK
+
+
+def cmd_optimizers(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        optimizers = client.optimizers()
+    _emit(
+        args,
+        optimizers,
+        lambda: (
+            "\n".join(
+                f"{o.name:20} {'gradient' if o.gradient else 'gradient-free':14} {o.description}" for o in optimizers
+            )
+            or "no optimizers"
         ),
     )
     return EXIT_OK
@@ -333,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     models.add_argument("--name", default="", help="only names containing this text")
     models.add_argument("--all-versions", action="store_true")
+
+    command("kinds", "the job kinds the server runs, with their options and defaults", cmd_kinds)
+    command("optimizers", "the optimizers a job spec can name", cmd_optimizers)
 
     generate = command("generate", "sample images from a generator into a folder", cmd_generate)
     generate.add_argument("model", help="generator, name or name@version")

@@ -8,48 +8,46 @@ created. Failed calls raise the `gansteer.errors` classes with the server's mess
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar, Unpack
 
 import grpc  # type: ignore[import-untyped]
-import numpy as np
 import numpy.typing as npt
 
-from gansteer import _convert, _specs
 from gansteer._convert import ImageInput
-from gansteer._specs import ClassSpec, InversionOptions, Outputs
-from gansteer._transport import (
-    CHANNEL_OPTIONS,
-    DEFAULT_TARGET,
-    auth_metadata,
-    backoff_delay,
-    resolve_targets,
-)
-from gansteer.errors import DeadlineExceeded, from_rpc_error
+from gansteer._core import Await, Call, Core, Emit, Feed, Service, Sleep, Steps, Stream, settle
+from gansteer._specs import ClassSpec, Outputs
+from gansteer._transport import CHANNEL_OPTIONS, DEFAULT_TARGET, auth_metadata, resolve_targets
+from gansteer.errors import GansteerError, from_rpc_error
 from gansteer.job import Job
+from gansteer.kinds import InversionOptions
 from gansteer.types import (
+    Answer,
+    FeedbackResult,
+    FeedbackRound,
     GenerationResult,
+    Interaction,
     JobEvent,
+    JobKindInfo,
     JobResult,
     JobState,
     JobStatus,
     ModelInfo,
+    OptimizerInfo,
     ScoreResult,
     ScorerInfo,
-    StateChanged,
 )
-from gansteer.v1 import (
-    generation_pb2,
-    generation_pb2_grpc,
-    optimization_pb2,
-    optimization_pb2_grpc,
-    scoring_pb2,
-    scoring_pb2_grpc,
-)
+from gansteer.v1 import generation_pb2_grpc, optimization_pb2, optimization_pb2_grpc, scoring_pb2_grpc
 
-R = TypeVar("R")
+T = TypeVar("T")
+STUBS: dict[Service, Any] = {
+    "generation": generation_pb2_grpc.GenerationServiceStub,
+    "scoring": scoring_pb2_grpc.ScoringServiceStub,
+    "optimization": optimization_pb2_grpc.OptimizationServiceStub,
+}
 
 
 class Client:
@@ -85,12 +83,15 @@ class Client:
         )
         self._metadata = auth_metadata(api_key)
         self._channels: dict[str, grpc.Channel] = {}
-        generation_channel = self._channel(self.generation_target, credentials)
-        self._generation = generation_pb2_grpc.GenerationServiceStub(generation_channel)  # type: ignore[no-untyped-call]
-        self._scoring = scoring_pb2_grpc.ScoringServiceStub(self._channel(self.scoring_target, credentials))  # type: ignore[no-untyped-call]
-        optimization_channel = self._channel(self.target, credentials)
-        self._optimization = optimization_pb2_grpc.OptimizationServiceStub(optimization_channel)  # type: ignore[no-untyped-call]
-        self._cards: dict[str, ModelInfo] = {}
+        self._targets: dict[Service, str] = {
+            "generation": self.generation_target,
+            "scoring": self.scoring_target,
+            "optimization": self.target,
+        }
+        self._stubs: dict[Service, Any] = {
+            service: stub(self._channel(self._targets[service], credentials)) for service, stub in STUBS.items()
+        }
+        self._core = Core(self)
 
     def _channel(self, target: str, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
         if target not in self._channels:
@@ -120,29 +121,53 @@ class Client:
             f"scoring_target={self.scoring_target!r})"
         )
 
-    # --- transport ------------------------------------------------------------------------------------------------
+    # --- performing the core's operations ---------------------------------------------------------------------
 
-    def _call(
-        self,
-        method: Callable[..., R],
-        request: Any,
-        *,
-        target: str,
-        idempotent: bool = True,
-        timeout: float | None = None,
-    ) -> R:
-        """One unary call with a deadline; retried on UNAVAILABLE when `idempotent`; errors translated."""
-        attempt = 0
-        while True:
-            try:
-                return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
-            except grpc.RpcError as error:
-                code = error.code()
-                if idempotent and code == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
-                    time.sleep(backoff_delay(attempt))
-                    attempt += 1
-                    continue
-                raise from_rpc_error(error, target=target) from error
+    def _run(self, operation: Steps[T]) -> T:
+        """Performs one operation of the core (`gansteer._core`) and returns its value."""
+        with contextlib.closing(self._iterate(settle(operation))) as values:
+            return next(values)
+
+    def _iterate(self, operation: Feed[T]) -> Generator[T, None, None]:
+        """Performs an operation's steps with the blocking stubs, sending back each reply (or throwing in the failed
+        call's error), and yields the values it emits. A stream it left open is cancelled when it ends."""
+        stream: tuple[Any, Any] | None = None  # (the Stream step, its open call)
+        reply: Any = None
+        error: GansteerError | None = None
+        try:
+            while True:
+                try:
+                    step = operation.send(reply) if error is None else operation.throw(error)
+                except StopIteration:
+                    return
+                reply, error = None, None
+                if isinstance(step, Emit):
+                    yield step.value
+                elif isinstance(step, Sleep):
+                    time.sleep(step.seconds)
+                elif isinstance(step, Await):
+                    raise TypeError("the blocking client cannot await a coroutine; use gansteer.AsyncClient")
+                else:
+                    try:
+                        reply, stream = self._perform(step, stream)
+                    except grpc.RpcError as failure:
+                        error = from_rpc_error(failure, target=self._targets[step.service])
+                        error.__cause__ = failure
+        finally:
+            if stream is not None:
+                stream[1].cancel()
+            operation.close()
+
+    def _perform(self, step: Call | Stream, stream: tuple[Any, Any] | None) -> tuple[Any, tuple[Any, Any] | None]:
+        """One call's reply (a stream's next message, None at its end), and the stream open after it."""
+        method = getattr(self._stubs[step.service], step.method)
+        if isinstance(step, Call):
+            return method(step.request, timeout=step.timeout or self.timeout, metadata=self._metadata), stream
+        if stream is None or stream[0] is not step:
+            if stream is not None:
+                stream[1].cancel()
+            stream = (step, method(step.request, timeout=step.timeout, metadata=self._metadata))
+        return next(stream[1], None), stream
 
     # --- models and images ----------------------------------------------------------------------------------------
 
@@ -150,19 +175,11 @@ class Client:
         self, kind: str | None = None, *, name_contains: str = "", all_versions: bool = False
     ) -> list[ModelInfo]:
         """The registered models (every kind unless `kind` is `generator`, `classifier`, ...), sorted by name."""
-        request = generation_pb2.ListModelsRequest(
-            kind=_convert.KIND_PROTOS[kind] if kind else None, name_contains=name_contains, all_versions=all_versions
-        )
-        response = self._call(self._generation.ListModels, request, target=self.generation_target)
-        return [_convert.model_info(card) for card in response.models]
+        return self._run(self._core.models(kind, name_contains=name_contains, all_versions=all_versions))
 
     def model(self, name: str) -> ModelInfo:
         """One model's card (`name` or `name@version`); raises NotFound for an unknown one. Cached per client."""
-        if name not in self._cards:
-            request = generation_pb2.GetModelRequest(model=_convert.model_ref(name))
-            response = self._call(self._generation.GetModel, request, target=self.generation_target)
-            self._cards[name] = _convert.model_info(response.card)
-        return self._cards[name]
+        return self._run(self._core.model(name))
 
     def generate(
         self,
@@ -183,8 +200,7 @@ class Client:
         `truncation` redraws drawn latent components beyond it. The result holds the latents and classes used,
         so passing them back reproduces the images exactly.
         """
-        card = self.model(model) if _specs.needs_card(classes) else None
-        request = _specs.generate_request(
+        operation = self._core.generate(
             model,
             n,
             seed=seed,
@@ -192,23 +208,13 @@ class Client:
             truncation=truncation,
             latents=latents,
             embeddings=embeddings,
-            card=card,
+            timeout=timeout,
         )
-        response = self._call(self._generation.Generate, request, target=self.generation_target, timeout=timeout)
-        latents_out = _convert.optional_array(response.latents, field="latents")
-        return GenerationResult(
-            images=_convert.batch_to_pil(response.images),
-            latents=latents_out if latents_out is not None else np.zeros((0, 0), np.float32),
-            class_ids=list(response.class_ids),
-            class_embeddings=_convert.optional_array(response.class_embeddings, field="class_embeddings"),
-            model=_convert.ref_text(response.model),
-        )
+        return self._run(operation)
 
     def scorers(self, model_kind: str | None = None) -> list[ScorerInfo]:
         """The outputs `score` can compute (names, parameters, providing models); `model_kind` filters them."""
-        request = scoring_pb2.ListScorersRequest(model_kind=_convert.KIND_PROTOS[model_kind] if model_kind else None)
-        response = self._call(self._scoring.ListScorers, request, target=self.scoring_target)
-        return [_convert.scorer_info(scorer) for scorer in response.scorers]
+        return self._run(self._core.scorers(model_kind))
 
     def score(
         self,
@@ -224,14 +230,7 @@ class Client:
         (`{"probs": {"classes": [3]}}`); unset: the model kind's main output (`probs` for classifiers, `realism`
         for discriminators). The result maps each output to its values array; `.outputs` has the extras.
         """
-        if outputs is None:
-            kind = self.model(scorer).kind
-            if kind not in _specs.DEFAULT_OUTPUTS:
-                raise _specs._invalid("outputs", f"{scorer} is a {kind}; name the outputs to compute")
-            outputs = _specs.DEFAULT_OUTPUTS[kind]
-        request = _specs.score_request(images, scorer, outputs)
-        response = self._call(self._scoring.Score, request, target=self.scoring_target, timeout=timeout)
-        return _convert.score_result(response.outputs)
+        return self._run(self._core.score(images, scorer, outputs, timeout=timeout))
 
     # --- jobs -----------------------------------------------------------------------------------------------------
 
@@ -243,24 +242,20 @@ class Client:
         `target`: one image or a list (PIL images, paths, image bytes, numpy arrays); all are optimised as one
         batch, one result each. `options` (see `InversionOptions`): `criterion`, `lambda_*`, `discriminator`,
         `optimizer`, `budget` (300 iterations unless given), `conditioned_class`, `restarts`, `seed`, ... Unset
-        ones take the server's defaults (the `l2+features` preset, Adam). Returns at once with the job; the server
-        refuses a bad spec with InvalidArgument, or NotFound for an unknown model.
+        ones take the server's defaults (the `l2+features` preset, Adam); an unknown one raises TypeError naming
+        the nearest valid name. Returns at once with the job; the server refuses a bad spec with InvalidArgument,
+        or NotFound for an unknown model.
         """
-        card = self.model(model) if isinstance(options.get("conditioned_class"), str) else None
-        return self.submit(_specs.inversion_spec(target, model=model, card=card, **options))
+        job_id, kind = self._run(self._core.invert(target, model=model, options=options))
+        return Job(self, job_id, kind=kind)
 
     def submit(self, spec: optimization_pb2.JobSpec) -> Job:
         """Submits any job kind from its JobSpec message (the typed helpers such as `invert` build one).
 
         Retried on UNAVAILABLE only when the spec has an idempotency key, since only then is a repeat harmless.
         """
-        response = self._call(
-            self._optimization.SubmitJob,
-            optimization_pb2.SubmitJobRequest(spec=spec),
-            target=self.target,
-            idempotent=bool(spec.idempotency_key),
-        )
-        return Job(self, response.job_id, kind=response.job.kind or str(spec.WhichOneof("kind") or ""))
+        job_id, kind = self._run(self._core.submit(spec))
+        return Job(self, job_id, kind=kind)
 
     def job(self, job_id: str) -> Job:
         """Re-attaches to an existing job by id (from another process, or after a restart); NotFound if unknown."""
@@ -276,56 +271,29 @@ class Client:
         page_size: int = 50,
     ) -> Iterator[JobStatus]:
         """The caller's jobs, newest first, fetched a page at a time as the iterator advances."""
-        token, seen = "", 0
-        while True:
-            request = _convert.list_jobs_request(
-                page_size=page_size, page_token=token, states=states, kind=kind, labels=labels
-            )
-            response = self._call(self._optimization.ListJobs, request, target=self.target)
-            for job in response.jobs:
-                if limit is not None and seen >= limit:
-                    return
-                seen += 1
-                yield _convert.job_status(job)
-            token = response.next_page_token
-            if not token:
-                return
+        return self._iterate(self._core.jobs(states=states, kind=kind, labels=labels, limit=limit, page_size=page_size))
+
+    def job_kinds(self) -> list[JobKindInfo]:
+        """The job kinds this server runs, with each kind's options and their defaults."""
+        return self._run(self._core.job_kinds())
+
+    def optimizers(self) -> list[OptimizerInfo]:
+        """The optimizers every searching kind draws from, by the name a spec gives them."""
+        return self._run(self._core.optimizers())
 
     # Per-job calls; `Job` is the interface users hold, these are its transport.
 
     def get_job(self, job_id: str) -> JobStatus:
-        response = self._call(
-            self._optimization.GetJob,
-            optimization_pb2.GetJobRequest(job_id=job_id, view=optimization_pb2.JOB_VIEW_BASIC),
-            target=self.target,
-        )
-        return _convert.job_status(response.job)
+        return self._run(self._core.get_job(job_id))
 
     def get_job_spec(self, job_id: str) -> optimization_pb2.JobSpec:
-        response = self._call(
-            self._optimization.GetJob,
-            optimization_pb2.GetJobRequest(job_id=job_id, view=optimization_pb2.JOB_VIEW_FULL),
-            target=self.target,
-        )
-        spec: optimization_pb2.JobSpec = response.job.spec
-        return spec
+        return self._run(self._core.get_job_spec(job_id))
 
     def cancel_job(self, job_id: str, reason: str = "") -> JobStatus:
-        response = self._call(
-            self._optimization.CancelJob,
-            optimization_pb2.CancelJobRequest(job_id=job_id, reason=reason),
-            target=self.target,
-        )
-        return _convert.job_status(response.job)
+        return self._run(self._core.cancel_job(job_id, reason))
 
     def get_result(self, job_id: str, *, kind: str = "", timeout: float | None = None) -> JobResult:
-        response = self._call(
-            self._optimization.GetResult,
-            optimization_pb2.GetResultRequest(job_id=job_id),
-            target=self.target,
-            timeout=timeout,
-        )
-        return _convert.job_result(response.result, kind=kind)
+        return self._run(self._core.get_result(job_id, kind=kind, timeout=timeout))
 
     def watch_job(
         self,
@@ -339,36 +307,30 @@ class Client:
         """The job's events until its final state change, reconnecting after the last event seen when the stream
         breaks (UNAVAILABLE, with backoff) or its window ends. `deadline` (time.monotonic) bounds the whole watch.
         """
-        last, failures = after_event_id, 0
-        while True:
-            window = self.watch_window
-            if deadline is not None:
-                window = min(window, deadline - time.monotonic())
-                if window <= 0:
-                    raise DeadlineExceeded(f"job {job_id}: still running when the wait's deadline passed")
-            request = optimization_pb2.WatchJobRequest(job_id=job_id, after_event_id=last, skip_previews=not previews)
-            stream = self._optimization.WatchJob(request, timeout=window, metadata=self._metadata)
-            received = broken = False
-            try:
-                for message in stream:
-                    received, failures = True, 0
-                    last = message.event_id or last
-                    event = _convert.job_event(message, kind=kind)
-                    yield event
-                    if isinstance(event, StateChanged) and event.state.terminal:
-                        return
-            except grpc.RpcError as error:
-                code = error.code()
-                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    continue  # the window ended: resume after the last event
-                if code != grpc.StatusCode.UNAVAILABLE or failures >= self.retries:
-                    raise from_rpc_error(error, target=self.target) from error
-                broken = True
-            finally:
-                stream.cancel()
-            # The stream ended without the final state change: either the connection broke (resume with backoff),
-            # or the server has no more events to give (the job ended and its stream was trimmed or expired).
-            if not broken and not received and self.get_job(job_id).state.terminal:
-                return
-            time.sleep(backoff_delay(failures))
-            failures += 1
+        operation = self._core.watch_job(
+            job_id, after_event_id=after_event_id, previews=previews, kind=kind, deadline=deadline
+        )
+        return self._iterate(operation)
+
+    def interactions(self, job_id: str) -> list[Interaction]:
+        """The job's interaction log: every answer to its rounds with its provenance, oldest first."""
+        return self._run(self._core.interactions(job_id))
+
+    def submit_feedback(
+        self,
+        job_id: str,
+        round: FeedbackRound | str,
+        *,
+        choice: Sequence[int] | None = None,
+        pairwise: Sequence[float | str] | None = None,
+        ratings: Sequence[float] | None = None,
+        rater: str = "",
+        idempotency_key: str | None = None,
+        latency_s: float = 0.0,
+    ) -> FeedbackResult:
+        """An answer to a round (or a round id) of a job; see `Job.feedback`."""
+        answer = Answer(choice=choice, pairwise=pairwise, ratings=ratings)
+        operation = self._core.submit_feedback(
+            job_id, round, answer, rater=rater, idempotency_key=idempotency_key, latency_s=latency_s
+        )
+        return self._run(operation)

@@ -70,6 +70,16 @@ class FailedPrecondition(GansteerError):
     """The request is valid but the target is not in a state to answer it (e.g. the result of an unfinished job)."""
 
 
+class RoundClosed(FailedPrecondition):
+    """An answer to a round that is no longer open: it was completed by other answers, or it expired (the job then
+    ended with its best result so far). `job_id` and `round_id` name the round."""
+
+    def __init__(self, message: str, *, job_id: str, round_id: str, details: Sequence[ErrorDetail] = ()) -> None:
+        super().__init__(message, code=grpc.StatusCode.FAILED_PRECONDITION, details=details)
+        self.job_id = job_id
+        self.round_id = round_id
+
+
 class Unauthenticated(GansteerError):
     """No API key, or one the server does not know."""
 
@@ -92,6 +102,10 @@ class DeadlineExceeded(GansteerError):
 
 class Cancelled(GansteerError):
     """The call was cancelled (by the caller or the server shutting down)."""
+
+
+class Unimplemented(GansteerError):
+    """The server does not offer this call (an older server than the SDK)."""
 
 
 class Internal(GansteerError):
@@ -122,6 +136,7 @@ _BY_CODE: dict[grpc.StatusCode, type[GansteerError]] = {
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
 }
 
 

@@ -7,10 +7,10 @@ built on the SDK checks end to end. Values are decoded once, when the response a
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -148,6 +148,7 @@ class JobStatus:
     started_at: datetime | None
     finished_at: datetime | None
     expires_at: datetime | None
+    pending_round: FeedbackRound | None  # the open round while the state is WAITING_FOR_FEEDBACK
 
 
 @dataclass(frozen=True)
@@ -171,21 +172,6 @@ class JobResult:
     curve: CriterionCurve
     models: list[str]
     tensors: Mapping[str, npt.NDArray[Any]]
-
-
-@dataclass(frozen=True)
-class InversionResult(JobResult):
-    """An inversion job's result: per target, the best image found, its latent, and how close it came."""
-
-    @property
-    def criterion(self) -> list[float]:
-        """The final criterion per target (lower is closer)."""
-        return [m.get("criterion", float("nan")) for m in self.item_metrics]
-
-    @property
-    def psnr(self) -> list[float]:
-        """PSNR in dB of each best image against its (resized) target."""
-        return [m.get("psnr", float("nan")) for m in self.item_metrics]
 
 
 # Events of a job's stream, in the order WatchJob sends them. Every event carries its stream id (pass it back as
@@ -229,13 +215,14 @@ class PreviewEvent(JobEvent):
 
 @dataclass(frozen=True)
 class FeedbackRoundEvent(JobEvent):
-    """A human-in-the-loop round opened and waits for `SubmitFeedback`."""
+    """A human-in-the-loop round opened and waits for answers (`Job.rounds()` hands it out ready to render)."""
 
     round_id: str
     round: int
     images: list[PILImage.Image]
     choose: int
     num_pairs: int
+    feedback_round: FeedbackRound
 
 
 @dataclass(frozen=True)
@@ -243,3 +230,156 @@ class ResultEvent(JobEvent):
     """The final result, sent once just before the SUCCEEDED state change."""
 
     result: JobResult
+
+
+# What the server can do: its job kinds and optimizers, for a design tool that builds specs.
+
+
+@dataclass(frozen=True)
+class JobOption:
+    """One option of a job kind's spec: its field name, protobuf type, and default as JSON (empty: none)."""
+
+    name: str
+    type: str
+    default_json: str
+
+
+@dataclass(frozen=True)
+class JobKindInfo:
+    """A job kind the server runs: `name` is its JobSpec field (`inversion`), `has_rounds` whether it waits for
+    feedback, `options` the fields of its spec message (`spec_message`) with their defaults."""
+
+    name: str
+    description: str
+    has_rounds: bool
+    spec_message: str
+    options: tuple[JobOption, ...]
+
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    """An optimizer of the server's search core, as a spec names it; `gradient` ones step on the gradient, the
+    others ask a population and are told its values."""
+
+    name: str
+    gradient: bool
+    description: str
+
+
+# Rounds of human-in-the-loop jobs: what a person (or a simulated rater) is shown, and what they answer.
+
+
+class AnswerKind(enum.StrEnum):
+    """The answer a round expects: `choice` (pick `choose` items), `pairwise` (a score in [-1, 1] per pair, +1 the
+    left image better), `rating` (a value per item in [rating_min, rating_max])."""
+
+    UNSPECIFIED = "unspecified"
+    CHOICE = "choice"
+    PAIRWISE = "pairwise"
+    RATING = "rating"
+
+
+@dataclass(frozen=True)
+class RoundItem:
+    """One image of a round, as the generator regenerates it: its latent, and its class (an id or a free vector)
+    for a class-conditional generator. `seed` is 0 when the latent was derived (e.g. recombined)."""
+
+    item_id: str
+    seed: int
+    latent: FloatArray
+    class_id: int | None
+    embedding: FloatArray | None
+    parent_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FeedbackRound:
+    """A round a job waits on: the items to show (rendered by `generator`, its version pinned), the `pairs` shown
+    side by side (sides already randomised), and the answer it expects; answers after `expires_at` are refused."""
+
+    job_id: str
+    round_id: str
+    round: int
+    answer: AnswerKind
+    items: tuple[RoundItem, ...]
+    pairs: tuple[tuple[int, int], ...]
+    choose: int
+    allow_repeats: bool
+    rating_min: float
+    rating_max: float
+    answers_required: int
+    answers_received: int
+    generator: str
+    expires_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Round(FeedbackRound):
+    """An open round from `Job.rounds()`; `images()` renders its items on the generation service."""
+
+    _render: Callable[[FeedbackRound], list[PILImage.Image]] = field(repr=False, compare=False, kw_only=True)
+
+    def images(self) -> list[PILImage.Image]:
+        """The items' images, in order, regenerated from their latents and classes (one Generate call)."""
+        return self._render(self)
+
+
+@dataclass(frozen=True)
+class AsyncRound(FeedbackRound):
+    """`Round` for asyncio: `await round.images()`."""
+
+    _render: Callable[[FeedbackRound], Awaitable[list[PILImage.Image]]] = field(repr=False, compare=False, kw_only=True)
+
+    async def images(self) -> list[PILImage.Image]:
+        """As `Round.images`."""
+        return await self._render(self)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One answer to a round: set the field its `answer` kind asks for. `choice`: item indices (repeats where the
+    round allows them); `pairwise`: per pair in order, a score in [-1, 1] or `left` / `right` / `tie`; `ratings`:
+    one value per item."""
+
+    choice: Sequence[int] | None = None
+    pairwise: Sequence[float | str] | None = None
+    ratings: Sequence[float] | None = None
+
+
+Reply: TypeAlias = Answer | Sequence[float]
+"""What a rater returns: an `Answer`, or the bare values, read as the round's answer kind asks."""
+Rater: TypeAlias = Callable[[Round], Reply]
+"""A person behind a UI or a simulated rater: shown a round, returns its answer."""
+AsyncRater: TypeAlias = Callable[[AsyncRound], Reply | Awaitable[Reply]]
+"""`Rater` for asyncio: a plain function or a coroutine function."""
+
+
+@dataclass(frozen=True)
+class FeedbackResult:
+    """What `Job.feedback` got back: the job after the answer, whether the server had already recorded this
+    answer (the same `idempotency_key`), and the key sent."""
+
+    job: JobStatus
+    duplicate: bool
+    idempotency_key: str
+
+
+@dataclass(frozen=True)
+class Interaction:
+    """One answer in a job's interaction log, with its provenance: the pseudonymous rater id, what was shown and
+    on which side, the generator version, the latency the client measured and the server's time."""
+
+    job_id: str
+    round_id: str
+    round: int
+    rater: str
+    time: datetime | None
+    latency_s: float
+    answer: AnswerKind
+    choice: tuple[int, ...] | None
+    pairwise: tuple[float, ...] | None
+    ratings: tuple[float, ...] | None
+    items: tuple[RoundItem, ...]
+    pairs: tuple[tuple[int, int], ...]
+    generator: str
+    idempotency_key: str

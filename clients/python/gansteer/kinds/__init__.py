@@ -1,0 +1,24 @@
+"""The job kinds the SDK builds specs for, one module each: its options (a TypedDict of the spec's fields, built
+from the groups in `_common`), its spec builder, and its result type.
+
+Adding a kind to the SDK: a module here, one entry in `KINDS`, a plan in `_core.Core` that submits it, and one
+method on `Client` and on `AsyncClient` (tests/test_sdk_parity.py fails until both have it with one signature).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from gansteer.kinds._common import Kind
+from gansteer.kinds.inversion import INVERSION, InversionOptions, InversionResult, inversion_spec
+from gansteer.types import JobResult
+
+KINDS: Mapping[str, Kind] = {kind.name: kind for kind in (INVERSION,)}
+
+
+def result_type(kind: str) -> type[JobResult]:
+    """The result type of a kind's jobs; a plain JobResult for a kind this SDK has no helper for."""
+    return KINDS[kind].result if kind in KINDS else JobResult
+
+
+__all__ = ["KINDS", "InversionOptions", "InversionResult", "Kind", "inversion_spec", "result_type"]
