@@ -71,8 +71,9 @@ class FailedPrecondition(GansteerError):
 
 
 class RoundClosed(FailedPrecondition):
-    """An answer to a round that is no longer open: it was completed by other answers, or it expired (the job then
-    ended with its best result so far). `job_id` and `round_id` name the round."""
+    """An answer to a round that is no longer open: it has the answers it asked for, it expired (the job then ended
+    with its best result so far), or this rater answered it already. `job_id` and `round_id` name the round; the
+    server's `reason` says which."""
 
     def __init__(self, message: str, *, job_id: str, round_id: str, details: Sequence[ErrorDetail] = ()) -> None:
         super().__init__(message, code=grpc.StatusCode.FAILED_PRECONDITION, details=details)
