@@ -1,20 +1,20 @@
 """Every operation of the SDK, written once for the blocking and the asyncio client.
 
-An operation is a generator of steps: it yields a `Call` (one unary RPC), a `Stream` (the next message of a server
-stream), a `Sleep` or an `Await`, is sent back the reply, and returns its value; an iteration (`jobs`, `watch_job`,
-`rounds`) also yields `Emit`s, the values its caller iterates over. `Client` performs the steps with blocking stubs
-and `AsyncClient` awaits them on grpc.aio, so requests, replies, retries, the watch's resumption and the loop that
-answers rounds are one code path and the two clients cannot drift. A failed call is thrown into the operation as
-the SDK's error (`gansteer.errors`), where the retry rules catch what they retry.
+An operation is a generator of steps (`gansteer._steps`): it yields a `Call` (one unary RPC), a `Stream` (the next
+message of a server stream), a `Sleep` or an `Await`, is sent back the reply, and returns its value; an iteration
+(`jobs`, `watch_job`, `rounds`) also yields `Emit`s, the values its caller iterates over. `Client` performs the
+steps with blocking stubs and `AsyncClient` awaits them on grpc.aio, so requests, replies, retries, the watch's
+resumption and the loop that answers rounds are one code path and the two clients cannot drift. A failed call is
+thrown into the operation as the SDK's error (`gansteer.errors`), where the retry rules catch what they retry.
 """
 
 from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
-from dataclasses import dataclass, fields
-from typing import Any, Generic, Literal, Protocol, TypeAlias, TypeVar
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import fields
+from typing import Any, Protocol, TypeVar
 
 from PIL import Image as PILImage
 
@@ -22,6 +22,7 @@ from gansteer import _convert, _rounds, _specs
 from gansteer._convert import ImageInput
 from gansteer._progress import ProgressBar
 from gansteer._specs import ClassSpec, Outputs
+from gansteer._steps import Await, Call, Emit, Feed, Handler, Sleep, Steps, Stream
 from gansteer._transport import backoff_delay
 from gansteer.errors import (
     DeadlineExceeded,
@@ -57,59 +58,6 @@ from gansteer.v1 import generation_pb2, optimization_pb2, scoring_pb2
 
 T = TypeVar("T")
 R = TypeVar("R")
-Service: TypeAlias = Literal["generation", "scoring", "optimization"]
-
-
-@dataclass(frozen=True, eq=False)
-class Call:
-    """One unary RPC; `timeout` None: the client's deadline."""
-
-    service: Service
-    method: str
-    request: Any
-    timeout: float | None = None
-
-
-@dataclass(frozen=True, eq=False)
-class Stream:
-    """The next message of a server stream, None once it has ended. The stream opens when first asked for and stays
-    open across other steps; another Stream object opens another stream (and closes this one)."""
-
-    service: Service
-    method: str
-    request: Any
-    timeout: float
-
-
-@dataclass(frozen=True)
-class Sleep:
-    seconds: float
-
-
-@dataclass(frozen=True)
-class Await:
-    """A value to await (an async rater's answer); only the asyncio client can perform it."""
-
-    awaitable: Awaitable[Any]
-
-
-@dataclass(frozen=True)
-class Emit(Generic[T]):
-    value: T
-
-
-Step: TypeAlias = Call | Stream | Sleep | Await
-Steps: TypeAlias = Generator[Step | Emit[Any], Any, T]
-"""An operation: its steps, then its value."""
-Feed: TypeAlias = Generator[Step | Emit[T], Any, None]
-"""An iteration: its steps and the values it emits."""
-Handler: TypeAlias = Callable[[T], bool | Steps[bool]]
-"""Sees one value (an event, a round); may take steps; returns True to stop."""
-
-
-def settle(operation: Steps[T]) -> Feed[T]:
-    """An operation as an iteration that emits its value once, so one driver loop performs both."""
-    yield Emit((yield from operation))
 
 
 class Settings(Protocol):

@@ -26,8 +26,9 @@ import numpy.typing as npt
 from PIL import Image as PILImage
 
 from gansteer._convert import ImageInput, batch_to_pil
-from gansteer._core import Await, Call, Core, Emit, Feed, Service, Sleep, Steps, Stream, round_fields, settle
+from gansteer._core import Core, round_fields
 from gansteer._specs import ClassSpec, Outputs
+from gansteer._steps import Await, Call, Emit, Feed, Service, Sleep, Steps, Stream, settle
 from gansteer._transport import CHANNEL_OPTIONS, DEFAULT_TARGET, auth_metadata, resolve_targets
 from gansteer.client import STUBS
 from gansteer.errors import GansteerError, from_rpc_error

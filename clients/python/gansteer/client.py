@@ -18,8 +18,9 @@ import grpc  # type: ignore[import-untyped]
 import numpy.typing as npt
 
 from gansteer._convert import ImageInput
-from gansteer._core import Await, Call, Core, Emit, Feed, Service, Sleep, Steps, Stream, settle
+from gansteer._core import Core
 from gansteer._specs import ClassSpec, Outputs
+from gansteer._steps import Await, Call, Emit, Feed, Service, Sleep, Steps, Stream, settle
 from gansteer._transport import CHANNEL_OPTIONS, DEFAULT_TARGET, auth_metadata, resolve_targets
 from gansteer.errors import GansteerError, from_rpc_error
 from gansteer.job import Job
