@@ -96,6 +96,18 @@ def test_up_models_generate(up: dict[str, Any], tmp_path: Path) -> None:
     assert Path(document["grid"]).is_file()
 
 
+def test_kinds_and_optimizers_say_what_the_server_runs(up: dict[str, Any]) -> None:
+    kinds = gansteer(*up["args"], "kinds", "--json")
+    assert kinds.returncode == 0, kinds.stderr
+    inversion = {kind["name"]: kind for kind in json.loads(kinds.stdout)}["inversion"]
+    assert inversion["spec_message"] == "gansteer.v1.InversionSpec" and not inversion["has_rounds"]
+    assert "budget" in {option["name"] for option in inversion["options"]}
+    optimizers = gansteer(*up["args"], "optimizers")
+    assert optimizers.returncode == 0, optimizers.stderr
+    rows = {line.split()[0]: line.split()[1] for line in optimizers.stdout.splitlines()}
+    assert rows["adam"] == "gradient" and rows["CMA"] == "gradient-free"
+
+
 def test_invert_then_jobs_commands(up: dict[str, Any], tmp_path: Path) -> None:
     target = tmp_path / "target.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(target)
