@@ -22,7 +22,7 @@ from gansteer_server.algorithms.inversion import (
     StepSchedule,
 )
 from gansteer_server.algorithms.inversion.metrics import psnr, ssim
-from gansteer_server.algorithms.inversion.optimizers import is_gradient_optimizer
+from gansteer_server.algorithms.search import is_gradient_optimizer
 from gansteer_server.models.architectures.scenes import ScenesClassifier, ScenesDiscriminator, ScenesGenerator
 
 Z_SIZE, NUM_CLASSES = 16, 5
@@ -122,7 +122,7 @@ def test_step_decays_tenfold_at_one_and_two_thirds_after_resetting_to_the_best(n
             run.step()
         with torch.no_grad():
             run.variables.add_(3.0)
-        best = run.state_dict()["best_variables"]
+        best = run.search.best_variables.clone()
         assert not torch.equal(run.variables.detach(), best)
         calls = len(generator.calls)
         run.step()
@@ -154,12 +154,12 @@ def test_lbfgs_closure_reruns_the_generator_at_every_evaluation(networks, target
     assert len({tuple(z.flatten()[:4].tolist()) for z, _ in generator.calls}) == len(generator.calls)
     assert report.generator_calls == len(generator.calls) * 2  # restarts per target
     # the best criterion it recorded is the criterion of the recorded point, freshly recomputed: no stale loss
-    best = run.state_dict()["best_variables"]
+    best = run.search.best_variables
     index = torch.arange(4)
     z, condition = run.decode(best, index)
     with torch.no_grad():
         fresh, _ = run.criterion(networks[0](z, condition), z, index // 2)
-    assert torch.allclose(run.state_dict()["best_criterion"], fresh, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(run.search.best_values, fresh, rtol=1e-4, atol=1e-6)
     run_to_end(run)
     assert (run.result()[0].curve[-1] < run.result()[0].curve[0]).all()
 

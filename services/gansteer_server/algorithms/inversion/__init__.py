@@ -1,4 +1,8 @@
-"""Inversion ("inspiration") of seed 003: retrieve a generator's latent and class vector for target images."""
+"""Inversion ("inspiration") of seed 003: retrieve a generator's latent and class vector for target images.
+
+The optimizers, budget and schedule live in the search core (`algorithms.search`); they are re-exported here for
+the callers that know them as inversion's.
+"""
 
 from gansteer_server.algorithms.inversion.criteria import (
     CRITERION_PRESETS,
@@ -9,17 +13,19 @@ from gansteer_server.algorithms.inversion.criteria import (
 from gansteer_server.algorithms.inversion.inversion import (
     InversionConfig,
     InversionModels,
+    InversionObjective,
     InversionResult,
     InversionRun,
     StepReport,
 )
-from gansteer_server.algorithms.inversion.optimizers import (
+from gansteer_server.algorithms.search import (
     OPTIMIZERS,
+    Budget,
     GradientOptimizer,
     PopulationOptimizer,
+    StepSchedule,
     register_optimizer,
 )
-from gansteer_server.algorithms.inversion.schedule import Budget, StepSchedule
 
 __all__ = [
     "CRITERION_PRESETS",
@@ -30,6 +36,7 @@ __all__ = [
     "InversionConfig",
     "InversionCriterion",
     "InversionModels",
+    "InversionObjective",
     "InversionResult",
     "InversionRun",
     "PopulationOptimizer",

@@ -1,0 +1,58 @@
+"""One search core for every job kind (ARCHITECTURE.md, decision 11): a kind supplies a `SearchSpace` and an
+`Objective`; the optimizer registry, budget, decay-with-reset schedule, best-so-far tracking, curve and
+checkpoints are `SearchRun`'s."""
+
+from gansteer_server.algorithms.search.budget import BUDGET_UNITS, Budget, BudgetUnit
+from gansteer_server.algorithms.search.objective import Evaluation, Objective
+from gansteer_server.algorithms.search.optimizers import (
+    DEFAULT_POPULATION,
+    OPTIMIZERS,
+    GradientOptimizer,
+    OptimizerInfo,
+    PopulationOptimizer,
+    Variables,
+    is_gradient_optimizer,
+    optimizer_catalog,
+    register_optimizer,
+)
+from gansteer_server.algorithms.search.run import SearchReport, SearchRun
+from gansteer_server.algorithms.search.schedule import DEFAULT_LEARNING_RATE, StepSchedule
+from gansteer_server.algorithms.search.space import (
+    ConditionedLatentSpace,
+    EmbeddingRowSpace,
+    LatentClassSpace,
+    Latents,
+    LatentSpace,
+    ParameterSpace,
+    SearchSpace,
+    embedding_scale,
+)
+
+__all__ = [
+    "BUDGET_UNITS",
+    "DEFAULT_LEARNING_RATE",
+    "DEFAULT_POPULATION",
+    "OPTIMIZERS",
+    "Budget",
+    "BudgetUnit",
+    "ConditionedLatentSpace",
+    "EmbeddingRowSpace",
+    "Evaluation",
+    "GradientOptimizer",
+    "LatentClassSpace",
+    "LatentSpace",
+    "Latents",
+    "Objective",
+    "OptimizerInfo",
+    "ParameterSpace",
+    "PopulationOptimizer",
+    "SearchReport",
+    "SearchRun",
+    "SearchSpace",
+    "StepSchedule",
+    "Variables",
+    "embedding_scale",
+    "is_gradient_optimizer",
+    "optimizer_catalog",
+    "register_optimizer",
+]

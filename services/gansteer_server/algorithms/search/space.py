@@ -1,0 +1,189 @@
+"""What a search moves through. A space owns the search variables' layout: M searches side by side, each one row
+of D variables (or, for generator parameters, one set of tensors), their starting point, and how a batch of rows
+decodes into what the objective needs.
+
+Vector spaces are normalised to one unit scale (z ~ N(0, I); a class vector or an embedding row moves in units of
+the embedding table's spread, c = c0 + s * u), so that a step size or a gradient-free optimizer's unit-scale
+candidates mean the same in every part of a row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+from gansteer_server.algorithms.search.optimizers import Variables
+
+
+class Latents(NamedTuple):
+    """A generator's inputs: latents z (N, Z) and a condition: class ids (N,) int64, class vectors (N, E) or None."""
+
+    z: Tensor
+    condition: Tensor | None
+
+
+class SearchSpace(Protocol):
+    @property
+    def searches(self) -> int:
+        """M, searched side by side in one batch."""
+        ...
+
+    @property
+    def dimension(self) -> int:
+        """D, the width of one search's row (a parameter space: its number of parameters)."""
+        ...
+
+    @property
+    def gradient_only(self) -> bool:
+        """No rows that a gradient-free optimizer could ask candidates in."""
+        ...
+
+    def initial(self, seed: int) -> Variables:
+        """The starting variables: an (M, D) tensor, fresh, or a parameter space's own tensors."""
+        ...
+
+    def decode(self, variables: Variables, search_index: Tensor) -> Any:
+        """Variables (N rows, or the parameters) of searches `search_index` (N,) -> what the objective takes."""
+        ...
+
+
+def embedding_scale(table: Tensor) -> float:
+    """The spread s of an embedding table's rows about their mean: the unit of a searched class vector."""
+    spread = float((table - table.mean(dim=0)).std()) if len(table) > 1 else 0.0
+    return spread if spread > 0 else 1.0
+
+
+def _normal(searches: int, size: int, seed: int) -> Tensor:
+    return torch.randn(searches, size, generator=torch.Generator().manual_seed(seed))
+
+
+@dataclass(frozen=True, eq=False)
+class LatentSpace:
+    """A latent z per search, from the prior N(0, I); an unconditional generator's (or an unconditioned) search."""
+
+    z_size: int
+    searches: int
+    gradient_only = False
+
+    @property
+    def dimension(self) -> int:
+        return self.z_size
+
+    def initial(self, seed: int) -> Tensor:
+        return _normal(self.searches, self.z_size, seed)
+
+    def decode(self, variables: Tensor, search_index: Tensor) -> Latents:
+        return Latents(variables, None)
+
+
+@dataclass(frozen=True, eq=False)
+class ConditionedLatentSpace:
+    """A latent z per search with each search's class held fixed (III-C5 strategy 2)."""
+
+    z_size: int
+    class_ids: Tensor  # (M,) int64
+    gradient_only = False
+
+    @property
+    def searches(self) -> int:
+        return len(self.class_ids)
+
+    @property
+    def dimension(self) -> int:
+        return self.z_size
+
+    def initial(self, seed: int) -> Tensor:
+        return _normal(self.searches, self.z_size, seed)
+
+    def decode(self, variables: Tensor, search_index: Tensor) -> Latents:
+        return Latents(variables, self.class_ids[search_index])
+
+
+@dataclass(frozen=True, eq=False)
+class LatentClassSpace:
+    """A latent z and a continuous class vector c = c0 + s * u per search, as one row [z, u] (III-C5 strategy 1).
+
+    u starts at 0, so each search starts from its c0: a given class's row or the table's mean.
+    """
+
+    z_size: int
+    class_start: Tensor  # (M, E): c0 of each search
+    class_scale: float  # s
+    gradient_only = False
+
+    @classmethod
+    def from_table(cls, z_size: int, table: Tensor, class_ids: Tensor | None, searches: int) -> LatentClassSpace:
+        """Start each search at its class's row (`class_ids` (M,)), or all at the table's mean when None."""
+        table = table.detach().float()
+        start = table.mean(dim=0).expand(searches, -1) if class_ids is None else table[class_ids]
+        return cls(z_size, start, embedding_scale(table))
+
+    @property
+    def searches(self) -> int:
+        return len(self.class_start)
+
+    @property
+    def dimension(self) -> int:
+        return self.z_size + self.class_start.shape[1]
+
+    def initial(self, seed: int) -> Tensor:
+        z = _normal(self.searches, self.z_size, seed)
+        return torch.cat([z, z.new_zeros(self.searches, self.class_start.shape[1])], dim=1)
+
+    def decode(self, variables: Tensor, search_index: Tensor) -> Latents:
+        z, u = variables[:, : self.z_size], variables[:, self.z_size :]
+        return Latents(z, self.class_start[search_index] + self.class_scale * u)
+
+
+@dataclass(frozen=True, eq=False)
+class EmbeddingRowSpace:
+    """One class-embedding row e = e0 + s * u per search (embedding activation maximisation); decodes to the
+    rows (N, E). Restarts start at e0 plus `jitter` times N(0, I) in units of s, so they differ."""
+
+    start: Tensor  # (E,): e0
+    scale: float  # s
+    searches: int = 1
+    jitter: float = 0.0
+
+    gradient_only = False
+
+    @classmethod
+    def from_table(cls, table: Tensor, row: int | None, searches: int = 1, jitter: float = 0.0) -> EmbeddingRowSpace:
+        """Start at the table's row `row`, or at its mean when None."""
+        table = table.detach().float()
+        start = table.mean(dim=0) if row is None else table[row]
+        return cls(start, embedding_scale(table), searches, jitter)
+
+    @property
+    def dimension(self) -> int:
+        return len(self.start)
+
+    def initial(self, seed: int) -> Tensor:
+        return self.jitter * _normal(self.searches, self.dimension, seed)
+
+    def decode(self, variables: Tensor, search_index: Tensor) -> Tensor:
+        return self.start + self.scale * variables
+
+
+@dataclass(frozen=True, eq=False)
+class ParameterSpace:
+    """A set of a model's parameters, searched in place as one search (tuning); gradient optimizers only, since a
+    population of whole models would not fit one batch. The objective runs the model whose tensors these are."""
+
+    parameters: Sequence[Tensor]
+    searches: int = field(default=1, init=False)
+    gradient_only = True
+
+    @property
+    def dimension(self) -> int:
+        return sum(parameter.numel() for parameter in self.parameters)
+
+    def initial(self, seed: int) -> list[Tensor]:
+        return list(self.parameters)  # the seed plays no part: tuning starts from the model as it is
+
+    def decode(self, variables: list[Tensor], search_index: Tensor) -> list[Tensor]:
+        return variables
