@@ -315,3 +315,23 @@ def test_bare_values_are_read_as_the_round_asks(server: tuple[RoundsServer, Rend
     assert time.monotonic() - start < 10
     assert list(jobs.requests[0].choice.indices) == [3, 3]
     assert [j.score for j in jobs.requests[1].pairwise.judgements] == [-1.0, 1.0]
+
+
+def test_async_rounds_iterate_and_answer(server: tuple[RoundsServer, Renderer, Client]) -> None:
+    jobs, _, client = server
+
+    async def story() -> list[str]:
+        async with AsyncClient(client.target, timeout=5, watch_window=2) as aclient:
+            job = await aclient.job("job-1")
+            seen = []
+            async for round in job.rounds():
+                seen.append(round.round_id)
+                if round.answer is AnswerKind.CHOICE:
+                    await job.feedback(round, choice=[1, 2])
+                else:
+                    await job.feedback(round.round_id, pairwise=["tie", "right"], idempotency_key="mine-2")
+            assert (await job.status()).state is JobState.SUCCEEDED
+            return seen
+
+    assert asyncio.run(story()) == ["r1", "r2"]
+    assert jobs.requests[1].idempotency_key == "mine-2"

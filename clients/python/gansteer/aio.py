@@ -334,8 +334,9 @@ class AsyncJob:
 
     async def rounds(self) -> AsyncIterator[AsyncRound]:
         client = self._client
-        async for round in client._iterate(client._core.rounds(self.id)):
-            yield self._bind(round)
+        async with contextlib.aclosing(client._iterate(client._core.rounds(self.id))) as rounds:
+            async for round in rounds:
+                yield self._bind(round)
 
     async def feedback(
         self,
