@@ -47,7 +47,7 @@ from torch import Tensor
 from gansteer.tensors import to_tensor_proto
 from gansteer_server.algorithms.inversion import CRITERION_PRESETS, InversionConfig, InversionModels, InversionRun
 from gansteer_server.algorithms.inversion.criteria import resize
-from gansteer_server.algorithms.inversion.optimizers import is_gradient_optimizer
+from gansteer_server.algorithms.search import is_gradient_optimizer
 from gansteer_server.config import Settings
 from gansteer_server.data.scenes import render_scenes
 from gansteer_server.embedded import Stack, start_stack

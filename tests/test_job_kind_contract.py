@@ -131,6 +131,7 @@ def test_list_job_kinds_describes_every_kind(stack: tuple[JobStack, Optimization
     assert kinds["test_rounds"].has_rounds
     optimizers = {o.name: o for o in stack[1].ListOptimizers(S.ListOptimizersRequest(), timeout=10).optimizers}
     assert optimizers["adam"].gradient and not optimizers["CMA"].gradient and optimizers["lbfgs"].description
+    assert optimizers["adam"].default_learning_rate > 0 and optimizers["DE"].default_population > 0
     assert {"nesterov", "random_search", "TwoPointsDE", "DE", "DiscreteDE", "DiscreteOnePlusOne"} <= set(optimizers)
 
 

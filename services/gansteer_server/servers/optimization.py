@@ -23,7 +23,7 @@ import torch
 from grpc_health.v1 import health
 
 from gansteer.tensors import from_tensor_proto
-from gansteer_server.algorithms.inversion import OPTIMIZERS, GradientOptimizer
+from gansteer_server.algorithms.search import optimizer_catalog
 from gansteer_server.config import Settings
 from gansteer_server.jobs.celery_app import Jobs
 from gansteer_server.jobs.kinds import SubmitContext, get_kind, kind_names
@@ -285,11 +285,13 @@ class OptimizationServicer(optimization_pb2_grpc.OptimizationServiceServicer):
         return opt.ListOptimizersResponse(
             optimizers=[
                 opt.OptimizerInfo(
-                    name=name,
-                    gradient=issubclass(cls, GradientOptimizer),
-                    description=(cls.__doc__ or "").strip().split("\n")[0],
+                    name=info.name,
+                    gradient=info.gradient,
+                    description=info.description,
+                    default_learning_rate=info.default_learning_rate or 0.0,
+                    default_population=info.default_population or 0,
                 )
-                for name, cls in sorted(OPTIMIZERS.items())
+                for info in optimizer_catalog()
             ]
         )
 

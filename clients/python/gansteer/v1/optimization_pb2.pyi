@@ -791,14 +791,18 @@ class ListJobKindsResponse(_message.Message):
     def __init__(self, kinds: _Optional[_Iterable[_Union[JobKindInfo, _Mapping]]] = ...) -> None: ...
 
 class OptimizerInfo(_message.Message):
-    __slots__ = ("name", "gradient", "description")
+    __slots__ = ("name", "gradient", "description", "default_learning_rate", "default_population")
     NAME_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_POPULATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     gradient: bool
     description: str
-    def __init__(self, name: _Optional[str] = ..., gradient: _Optional[bool] = ..., description: _Optional[str] = ...) -> None: ...
+    default_learning_rate: float
+    default_population: int
+    def __init__(self, name: _Optional[str] = ..., gradient: _Optional[bool] = ..., description: _Optional[str] = ..., default_learning_rate: _Optional[float] = ..., default_population: _Optional[int] = ...) -> None: ...
 
 class ListOptimizersRequest(_message.Message):
     __slots__ = ()

@@ -26,7 +26,7 @@ from gansteer_server.algorithms.inversion import (
     InversionRun,
 )
 from gansteer_server.algorithms.inversion.criteria import resize
-from gansteer_server.algorithms.inversion.optimizers import is_gradient_optimizer
+from gansteer_server.algorithms.search import is_gradient_optimizer
 from gansteer_server.jobs.backends import ModelBackend
 from gansteer_server.jobs.kinds import JobKind, JobRun, StepProgress, SubmitContext, register_kind
 from gansteer_server.jobs.settings import JobSettings
