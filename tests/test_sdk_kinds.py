@@ -39,8 +39,8 @@ class Capabilities(optimization_pb2_grpc.OptimizationServiceServicer):
     def ListOptimizers(self, request: Any, context: grpc.ServicerContext) -> Any:
         return opt.ListOptimizersResponse(
             optimizers=[
-                opt.OptimizerInfo(name="adam", gradient=True, description="Adam"),
-                opt.OptimizerInfo(name="CMA", gradient=False, description="CMA-ES (nevergrad)"),
+                opt.OptimizerInfo(name="adam", gradient=True, description="Adam", default_learning_rate=0.05),
+                opt.OptimizerInfo(name="CMA", gradient=False, description="CMA-ES (nevergrad)", default_population=15),
             ]
         )
 
@@ -70,7 +70,10 @@ def test_job_kinds_and_optimizers_come_back_typed(target: str) -> None:
         ),
     )
     assert kinds[1].has_rounds
-    assert optimizers == [OptimizerInfo("adam", True, "Adam"), OptimizerInfo("CMA", False, "CMA-ES (nevergrad)")]
+    assert optimizers == [
+        OptimizerInfo("adam", True, "Adam", default_learning_rate=0.05, default_population=0),
+        OptimizerInfo("CMA", False, "CMA-ES (nevergrad)", default_learning_rate=0.0, default_population=15),
+    ]
 
     async def story() -> list[str]:
         async with AsyncClient(target) as client:
@@ -91,12 +94,17 @@ def test_the_commands_print_tables_and_json(target: str, capsys: pytest.CaptureF
     assert table[2].split() == ["budget", "gansteer.v1.Budget", '{"amount":', "300}"]
     assert cli.main(["optimizers", "--target", target, "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
-    assert document == [
-        {"name": "adam", "gradient": True, "description": "Adam"},
-        {"name": "CMA", "gradient": False, "description": "CMA-ES (nevergrad)"},
-    ]
+    assert document[1] == {
+        "name": "CMA",
+        "gradient": False,
+        "description": "CMA-ES (nevergrad)",
+        "default_learning_rate": 0.0,
+        "default_population": 15,
+    }
     assert cli.main(["optimizers", "--target", target]) == 0
-    assert capsys.readouterr().out.split("\n")[1].split()[:2] == ["CMA", "gradient-free"]
+    adam, cma = capsys.readouterr().out.splitlines()
+    assert adam.split()[:4] == ["adam", "gradient", "lr", "0.05"]
+    assert cma.split()[:4] == ["CMA", "gradient-free", "population", "15"]
 
 
 def test_a_misspelled_option_is_refused_before_any_call() -> None:

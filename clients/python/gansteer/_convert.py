@@ -382,7 +382,13 @@ def job_kind_info(kind: optimization_pb2.JobKindInfo) -> JobKindInfo:
 
 
 def optimizer_info(info: optimization_pb2.OptimizerInfo) -> OptimizerInfo:
-    return OptimizerInfo(name=info.name, gradient=info.gradient, description=info.description)
+    return OptimizerInfo(
+        name=info.name,
+        gradient=info.gradient,
+        description=info.description,
+        default_learning_rate=info.default_learning_rate,
+        default_population=info.default_population,
+    )
 
 
 def answer_kind(wire: int) -> AnswerKind:

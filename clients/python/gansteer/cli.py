@@ -31,7 +31,7 @@ from gansteer.client import Client
 from gansteer.images import image_grid, save_inversion
 from gansteer.job import Job
 from gansteer.kinds.inversion import DEFAULT_BUDGET, InversionOptions
-from gansteer.types import JobState, StateChanged
+from gansteer.types import JobState, OptimizerInfo, StateChanged
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_UNAVAILABLE, EXIT_JOB_FAILED = 0, 1, 2, 3, 4, 5, 6
 EXIT_INTERRUPTED = 130
@@ -130,12 +130,20 @@ def cmd_optimizers(args: argparse.Namespace) -> int:
         optimizers,
         lambda: (
             "\n".join(
-                f"{o.name:20} {'gradient' if o.gradient else 'gradient-free':14} {o.description}" for o in optimizers
+                f"{o.name:20} {'gradient' if o.gradient else 'gradient-free':14} {_optimizer_default(o):18} "
+                f"{o.description}"
+                for o in optimizers
             )
             or "no optimizers"
         ),
     )
     return EXIT_OK
+
+
+def _optimizer_default(optimizer: OptimizerInfo) -> str:
+    if optimizer.gradient:
+        return f"lr {optimizer.default_learning_rate:g}" if optimizer.default_learning_rate else ""
+    return f"population {optimizer.default_population}" if optimizer.default_population else ""
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

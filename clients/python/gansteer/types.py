@@ -259,11 +259,14 @@ class JobKindInfo:
 @dataclass(frozen=True)
 class OptimizerInfo:
     """An optimizer of the server's search core, as a spec names it; `gradient` ones step on the gradient, the
-    others ask a population and are told its values."""
+    others ask a population and are told its values. The defaults are what a spec's learning rate 0 (gradient) and
+    population size 0 (the others) mean unless the job kind sets its own; 0 where they do not apply."""
 
     name: str
     gradient: bool
     description: str
+    default_learning_rate: float
+    default_population: int
 
 
 # Rounds of human-in-the-loop jobs: what a person (or a simulated rater) is shown, and what they answer.
