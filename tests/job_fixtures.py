@@ -107,6 +107,15 @@ def inversion_spec(budget: int = 12, targets: int = 1, **fields: Any) -> optimiz
     return optimization_pb2.JobSpec(inversion=inversion, **common)
 
 
+def evolution_spec(class_id: int | None = 1, **fields: Any) -> optimization_pb2.JobSpec:
+    """An interactive evolution on the tiny generator, its class held fixed unless `class_id` is None; keyword
+    arguments set InteractiveEvolutionSpec fields."""
+    evolution = optimization_pb2.InteractiveEvolutionSpec(generator=common_pb2.ModelRef(name=GEN), **fields)
+    if class_id is not None:
+        evolution.condition.class_ids.ids.append(class_id)
+    return optimization_pb2.JobSpec(interactive_evolution=evolution)
+
+
 # --- test-only job kinds --------------------------------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from job_fixtures import ROUNDS, JobStack, OptimizationStub, RoundSpec, SleepSpec, inversion_spec
+from job_fixtures import ROUNDS, JobStack, OptimizationStub, RoundSpec, SleepSpec, evolution_spec, inversion_spec
 
 from gansteer.tensors import from_tensor_proto
 from gansteer.v1 import optimization_pb2 as S
@@ -53,6 +53,18 @@ def _inversion_unknown_model(spec: S.JobSpec) -> None:
     spec.inversion.generator.name = "no-such-generator"
 
 
+def _evolution_bad_mu(spec: S.JobSpec) -> None:
+    spec.interactive_evolution.mu = 9  # more picks than the 1 + 7 images shown
+
+
+def _evolution_bad_class(spec: S.JobSpec) -> None:
+    spec.interactive_evolution.condition.class_ids.ids[:] = [99]
+
+
+def _evolution_bad_rate(spec: S.JobSpec) -> None:
+    spec.interactive_evolution.mutation_rate = 1.5
+
+
 CASES: dict[str, Case] = {
     "inversion": Case(
         spec=lambda: inversion_spec(budget=12, targets=2, seed=3),
@@ -60,6 +72,14 @@ CASES: dict[str, Case] = {
             (_inversion_bad_budget, "spec.inversion.budget.amount"),
             (_inversion_bad_optimizer, "spec.inversion.optimizer.name"),
             (_inversion_unknown_model, "spec.inversion.generator"),
+        ],
+    ),
+    "interactive_evolution": Case(
+        spec=lambda: evolution_spec(rounds=3, mu=3, offspring=7, seed=5),
+        bad=[
+            (_evolution_bad_mu, "spec.interactive_evolution.mu"),
+            (_evolution_bad_class, "spec.interactive_evolution.condition.class_ids.ids[0]"),
+            (_evolution_bad_rate, "spec.interactive_evolution.mutation_rate"),
         ],
     ),
     "test_sleep": Case(spec=lambda: SleepSpec(steps=12, sleep_s=0.0)),
@@ -174,6 +194,9 @@ class Inline:
             if outcome == JobState.WAITING.value:
                 assert record.lease_owner == "" and not [s for s in self.sent if s == (job_id, segment + 1)]
                 self.answer(job_id)
+                answered = self.store.get(job_id)
+                if until is not None and answered is not None and until(answered):
+                    return segment
             segment += 1
 
     def answer(self, job_id: str) -> None:
@@ -207,8 +230,9 @@ def test_a_lost_worker_resumes_to_the_result_of_an_uninterrupted_run(
     inline.run(whole)
 
     interrupted = inline.submit(kind, parsed)
-    # One segment checkpointed, then the next one's worker died holding the lease.
-    segment = inline.run(interrupted, until=lambda record: record.step > 0 and record.state is JobState.RUNNING)
+    # One segment checkpointed (or a round answered), then the next one's worker died holding the lease.
+    between = (JobState.RUNNING, JobState.QUEUED)
+    segment = inline.run(interrupted, until=lambda record: record.step > 0 and record.state in between)
     dead = f"{inline.context.owner.split(':')[0]}:999999999:dead"
     assert owner_is_dead(dead)
     claim = inline.store.claim(interrupted, segment + 1, dead, 30.0, 3, owner_is_dead)

@@ -38,12 +38,13 @@ from gansteer.errors import (
     Unimplemented,
 )
 from gansteer.job import Job
-from gansteer.kinds import InversionOptions, InversionResult
+from gansteer.kinds import EvolutionOptions, EvolutionResult, InversionOptions, InversionResult
 from gansteer.types import (
     Answer,
     AnswerKind,
     AsyncRater,
     AsyncRound,
+    ChoiceAction,
     CriterionCurve,
     FeedbackResult,
     FeedbackRound,
@@ -81,10 +82,13 @@ __all__ = [
     "AsyncRater",
     "AsyncRound",
     "Cancelled",
+    "ChoiceAction",
     "Client",
     "CriterionCurve",
     "DeadlineExceeded",
     "ErrorDetail",
+    "EvolutionOptions",
+    "EvolutionResult",
     "FailedPrecondition",
     "FeedbackResult",
     "FeedbackRound",

@@ -25,6 +25,7 @@ from gansteer import tensors
 from gansteer.errors import ErrorDetail, InvalidArgument
 from gansteer.types import (
     AnswerKind,
+    ChoiceAction,
     CriterionCurve,
     FeedbackRound,
     FeedbackRoundEvent,
@@ -415,6 +416,13 @@ def round_items(items: Iterable[optimization_pb2.RoundItem]) -> tuple[RoundItem,
     return tuple(round_item(item, field=f"items[{i}]") for i, item in enumerate(items))
 
 
+CHOICE_ACTIONS: dict[int, ChoiceAction] = {
+    optimization_pb2.CHOICE_ACTION_PICK: "pick",
+    optimization_pb2.CHOICE_ACTION_NONE_GOOD: "none_good",
+    optimization_pb2.CHOICE_ACTION_UNDO: "undo",
+}
+
+
 def feedback_round(message: optimization_pb2.FeedbackRound, *, job_id: str) -> FeedbackRound:
     return FeedbackRound(
         job_id=job_id,
@@ -431,6 +439,8 @@ def feedback_round(message: optimization_pb2.FeedbackRound, *, job_id: str) -> F
         answers_received=message.answers_received,
         generator=ref_text(message.generator),
         expires_at=_time(message.expires_at),
+        actions=tuple(CHOICE_ACTIONS[action] for action in message.actions if action in CHOICE_ACTIONS),
+        step_size=message.step_size,
     )
 
 
@@ -454,4 +464,6 @@ def interaction(message: optimization_pb2.Interaction) -> Interaction:
         pairs=tuple((pair.left, pair.right) for pair in message.pairs),
         generator=ref_text(message.generator),
         idempotency_key=message.idempotency_key,
+        action=CHOICE_ACTIONS.get(message.choice.action, "pick"),
+        step_size=message.choice.step_size if message.choice.HasField("step_size") else None,
     )

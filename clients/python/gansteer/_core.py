@@ -33,6 +33,7 @@ from gansteer.errors import (
     Unavailable,
 )
 from gansteer.kinds import result_type
+from gansteer.kinds.evolution import EVOLUTION, EvolutionOptions, evolution_spec
 from gansteer.kinds.inversion import INVERSION, InversionOptions, inversion_spec
 from gansteer.types import (
     Answer,
@@ -152,6 +153,12 @@ class Core:
         named_class = isinstance(options.get("conditioned_class"), str)
         card = (yield from self.model(model)) if named_class else None
         return (yield from self.submit(inversion_spec(targets, model=model, card=card, **options)))
+
+    def evolve(self, *, model: str, options: EvolutionOptions) -> Steps[tuple[str, str]]:
+        EVOLUTION.check(options)
+        named_class = isinstance(options.get("conditioned_class"), str)
+        card = (yield from self.model(model)) if named_class else None
+        return (yield from self.submit(evolution_spec(model=model, card=card, **options)))
 
     def submit(self, spec: optimization_pb2.JobSpec) -> Steps[tuple[str, str]]:
         """(job id, kind). Repeated on UNAVAILABLE only with an idempotency key, since only then is a repeat

@@ -27,6 +27,13 @@ _PREFERENCES = {
 }
 
 
+_ACTIONS = {
+    "pick": optimization_pb2.CHOICE_ACTION_PICK,
+    "none_good": optimization_pb2.CHOICE_ACTION_NONE_GOOD,
+    "undo": optimization_pb2.CHOICE_ACTION_UNDO,
+}
+
+
 def as_answer(round: FeedbackRound, reply: Reply) -> Answer:
     """A rater's reply as an Answer: bare values are read as the round's answer kind asks."""
     if isinstance(reply, Answer):
@@ -52,7 +59,13 @@ def feedback_request(
 ) -> optimization_pb2.SubmitFeedbackRequest:
     """The SubmitFeedback request of one answer; a fresh idempotency key unless one is given, so that the SDK's
     retries (and a caller's) record the answer once."""
-    given = [name for name in ("choice", "pairwise", "ratings") if getattr(answer, name) is not None]
+    if answer.action not in _ACTIONS:
+        raise _invalid("action", f"expected one of {', '.join(_ACTIONS)}, got {answer.action!r}")
+    choice = answer.choice
+    if choice is None and (answer.action != "pick" or answer.step_size is not None):
+        choice = ()  # an action, or a step size alone, travels in a choice that picks nothing
+    forms = {"choice": choice, "pairwise": answer.pairwise, "ratings": answer.ratings}
+    given = [name for name, value in forms.items() if value is not None]
     if len(given) != 1:
         raise _invalid("feedback", f"give exactly one of choice, pairwise or ratings, got {', '.join(given) or 'none'}")
     request = optimization_pb2.SubmitFeedbackRequest(
@@ -62,8 +75,12 @@ def feedback_request(
         idempotency_key=idempotency_key or uuid.uuid4().hex,
         latency_s=latency_s,
     )
-    if answer.choice is not None:
-        request.choice.indices.extend(_index(v, field=f"choice[{i}]") for i, v in enumerate(answer.choice))
+    if choice is not None:
+        request.choice.SetInParent()
+        request.choice.indices.extend(_index(v, field=f"choice[{i}]") for i, v in enumerate(choice))
+        request.choice.action = _ACTIONS[answer.action]
+        if answer.step_size is not None:
+            request.choice.step_size = _number(answer.step_size, field="step_size")
     elif answer.pairwise is not None:
         request.pairwise.SetInParent()
         for pair, value in enumerate(answer.pairwise):

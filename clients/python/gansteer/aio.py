@@ -32,11 +32,12 @@ from gansteer._steps import Await, Call, Emit, Feed, Service, Sleep, Steps, Stre
 from gansteer._transport import CHANNEL_OPTIONS, DEFAULT_TARGET, auth_metadata, resolve_targets
 from gansteer.client import STUBS
 from gansteer.errors import GansteerError, from_rpc_error
-from gansteer.kinds import InversionOptions
+from gansteer.kinds import EvolutionOptions, InversionOptions
 from gansteer.types import (
     Answer,
     AsyncRater,
     AsyncRound,
+    ChoiceAction,
     FeedbackResult,
     FeedbackRound,
     GenerationResult,
@@ -220,6 +221,11 @@ class AsyncClient:
         job_id, kind = await self._run(self._core.invert(target, model=model, options=options))
         return AsyncJob(self, job_id, kind=kind)
 
+    async def evolve(self, *, model: str, **options: Unpack[EvolutionOptions]) -> AsyncJob:
+        """Submits an interactive evolution; the options are those of `Client.evolve`."""
+        job_id, kind = await self._run(self._core.evolve(model=model, options=options))
+        return AsyncJob(self, job_id, kind=kind)
+
     async def submit(self, spec: optimization_pb2.JobSpec) -> AsyncJob:
         job_id, kind = await self._run(self._core.submit(spec))
         return AsyncJob(self, job_id, kind=kind)
@@ -282,11 +288,13 @@ class AsyncClient:
         choice: Sequence[int] | None = None,
         pairwise: Sequence[float | str] | None = None,
         ratings: Sequence[float] | None = None,
+        action: ChoiceAction = "pick",
+        step_size: float | None = None,
         rater: str = "",
         idempotency_key: str | None = None,
         latency_s: float = 0.0,
     ) -> FeedbackResult:
-        answer = Answer(choice=choice, pairwise=pairwise, ratings=ratings)
+        answer = Answer(choice=choice, pairwise=pairwise, ratings=ratings, action=action, step_size=step_size)
         operation = self._core.submit_feedback(
             job_id, round, answer, rater=rater, idempotency_key=idempotency_key, latency_s=latency_s
         )
@@ -345,6 +353,8 @@ class AsyncJob:
         choice: Sequence[int] | None = None,
         pairwise: Sequence[float | str] | None = None,
         ratings: Sequence[float] | None = None,
+        action: ChoiceAction = "pick",
+        step_size: float | None = None,
         rater: str = "",
         idempotency_key: str | None = None,
         latency_s: float = 0.0,
@@ -355,6 +365,8 @@ class AsyncJob:
             choice=choice,
             pairwise=pairwise,
             ratings=ratings,
+            action=action,
+            step_size=step_size,
             rater=rater,
             idempotency_key=idempotency_key,
             latency_s=latency_s,

@@ -24,9 +24,10 @@ from gansteer._steps import Await, Call, Emit, Feed, Service, Sleep, Steps, Stre
 from gansteer._transport import CHANNEL_OPTIONS, DEFAULT_TARGET, auth_metadata, resolve_targets
 from gansteer.errors import GansteerError, from_rpc_error
 from gansteer.job import Job
-from gansteer.kinds import InversionOptions
+from gansteer.kinds import EvolutionOptions, InversionOptions
 from gansteer.types import (
     Answer,
+    ChoiceAction,
     FeedbackResult,
     FeedbackRound,
     GenerationResult,
@@ -250,6 +251,18 @@ class Client:
         job_id, kind = self._run(self._core.invert(target, model=model, options=options))
         return Job(self, job_id, kind=kind)
 
+    def evolve(self, *, model: str, **options: Unpack[EvolutionOptions]) -> Job:
+        """Submits an interactive evolution (HEVOL, seed 003) on generator `model`: each round shows 1 + offspring
+        images, a person picks `mu` of them (repeats allowed) and the next round is bred from the picks.
+
+        `options` (see `EvolutionOptions`): `mu` (5), `offspring` (27), `mutation_rate` (1/d), `rounds` (0: until
+        cancelled), `conditioned_class` (unset: evolve the class vector too), `seed`, ... Answer the rounds with
+        `job.rounds()` and `job.feedback(...)`, or `job.answer_rounds(rater)` (a person's UI, or
+        `gansteer.simulate.SimulatedPerson`). Returns at once with the job.
+        """
+        job_id, kind = self._run(self._core.evolve(model=model, options=options))
+        return Job(self, job_id, kind=kind)
+
     def submit(self, spec: optimization_pb2.JobSpec) -> Job:
         """Submits any job kind from its JobSpec message (the typed helpers such as `invert` build one).
 
@@ -325,12 +338,14 @@ class Client:
         choice: Sequence[int] | None = None,
         pairwise: Sequence[float | str] | None = None,
         ratings: Sequence[float] | None = None,
+        action: ChoiceAction = "pick",
+        step_size: float | None = None,
         rater: str = "",
         idempotency_key: str | None = None,
         latency_s: float = 0.0,
     ) -> FeedbackResult:
         """An answer to a round (or a round id) of a job; see `Job.feedback`."""
-        answer = Answer(choice=choice, pairwise=pairwise, ratings=ratings)
+        answer = Answer(choice=choice, pairwise=pairwise, ratings=ratings, action=action, step_size=step_size)
         operation = self._core.submit_feedback(
             job_id, round, answer, rater=rater, idempotency_key=idempotency_key, latency_s=latency_s
         )

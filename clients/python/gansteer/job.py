@@ -16,6 +16,7 @@ from PIL import Image as PILImage
 from gansteer._convert import batch_to_pil
 from gansteer._core import round_fields
 from gansteer.types import (
+    ChoiceAction,
     FeedbackResult,
     FeedbackRound,
     Interaction,
@@ -103,6 +104,8 @@ class Job:
         choice: Sequence[int] | None = None,
         pairwise: Sequence[float | str] | None = None,
         ratings: Sequence[float] | None = None,
+        action: ChoiceAction = "pick",
+        step_size: float | None = None,
         rater: str = "",
         idempotency_key: str | None = None,
         latency_s: float = 0.0,
@@ -111,7 +114,10 @@ class Job:
 
         `choice`: `round.choose` item indices (the same one more than once where `round.allow_repeats`);
         `pairwise`: for each of `round.pairs` in order, a score in [-1, 1] (+1: the left image clearly better) or
-        `left` / `right` / `tie`; `ratings`: one value per item in [rating_min, rating_max]. `rater` names who
+        `left` / `right` / `tie`; `ratings`: one value per item in [rating_min, rating_max].
+        `action` (choice rounds that offer it, `round.actions`): `none_good` (draw the round again) or `undo` (show
+        the previous round again), with no indices; `step_size` sets the step size of the rounds that follow (rounds
+        with `round.step_size` > 0). `rater` names who
         answered (the log keeps a keyed hash of it; empty: the API key's owner); `latency_s` is the time from showing
         to answering. A fresh `idempotency_key` is sent unless given, and a lost reply is retried with it, so an
         answer is recorded once (`result.duplicate` says the server had it already). Raises RoundClosed when the
@@ -123,6 +129,8 @@ class Job:
             choice=choice,
             pairwise=pairwise,
             ratings=ratings,
+            action=action,
+            step_size=step_size,
             rater=rater,
             idempotency_key=idempotency_key,
             latency_s=latency_s,

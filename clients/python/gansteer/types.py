@@ -10,7 +10,7 @@ import enum
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -272,6 +272,10 @@ class OptimizerInfo:
 # Rounds of human-in-the-loop jobs: what a person (or a simulated rater) is shown, and what they answer.
 
 
+ChoiceAction: TypeAlias = Literal["pick", "none_good", "undo"]
+"""What a choice answer does: pick items, say none is good (the round is drawn again), or undo (back a round)."""
+
+
 class AnswerKind(enum.StrEnum):
     """The answer a round expects: `choice` (pick `choose` items), `pairwise` (a score in [-1, 1] per pair, +1 the
     left image better), `rating` (a value per item in [rating_min, rating_max])."""
@@ -314,6 +318,10 @@ class FeedbackRound:
     answers_received: int
     generator: str
     expires_at: datetime | None
+    #: Choice rounds: what an answer may do besides picking (`none_good`, `undo`), and the step size the next round
+    #: will use, which an answer may change (0: the round takes none).
+    actions: tuple[ChoiceAction, ...] = ()
+    step_size: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -342,11 +350,14 @@ class AsyncRound(FeedbackRound):
 class Answer:
     """One answer to a round: set the field its `answer` kind asks for. `choice`: item indices (repeats where the
     round allows them); `pairwise`: per pair in order, a score in [-1, 1] or `left` / `right` / `tie`; `ratings`:
-    one value per item."""
+    one value per item. `action` and `step_size` go with a choice where the round offers them (`round.actions`,
+    `round.step_size`): `Answer(action="undo")` picks nothing."""
 
     choice: Sequence[int] | None = None
     pairwise: Sequence[float | str] | None = None
     ratings: Sequence[float] | None = None
+    action: ChoiceAction = "pick"
+    step_size: float | None = None
 
 
 Reply: TypeAlias = Answer | Sequence[float]
@@ -386,3 +397,5 @@ class Interaction:
     pairs: tuple[tuple[int, int], ...]
     generator: str
     idempotency_key: str
+    action: ChoiceAction = "pick"  # a choice answer's action
+    step_size: float | None = None  # the step size a choice answer set

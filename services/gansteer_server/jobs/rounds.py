@@ -38,6 +38,10 @@ _ANSWER_FIELDS = {
     opt.ANSWER_KIND_RATING: "ratings",
 }
 _PREFERENCE_SCORES = {opt.PREFERENCE_LEFT: 1.0, opt.PREFERENCE_RIGHT: -1.0, opt.PREFERENCE_TIE: 0.0}
+ChoiceAction = Literal["pick", "none_good", "undo"]
+#: The choice actions besides picking that a round may accept, by name.
+CHOICE_ACTIONS: dict[str, int] = {"none_good": opt.CHOICE_ACTION_NONE_GOOD, "undo": opt.CHOICE_ACTION_UNDO}
+_ACTION_NAMES = {opt.CHOICE_ACTION_PICK: "pick"} | {number: name for name, number in CHOICE_ACTIONS.items()}
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,8 @@ class Round:
     answers_required: int = 1  # distinct raters before the job moves on
     rating_range: tuple[float, float] = (0.0, 1.0)
     expires_in_s: float = 0.0  # 0: the deployment's default
+    actions: tuple[ChoiceAction, ...] = ()  # choice: what an answer may do besides picking (none_good, undo)
+    step_size: float = 0.0  # choice: the step size the next round uses, which an answer may change; 0: none taken
 
     def __post_init__(self) -> None:
         if self.answer not in _ANSWER_KINDS:
@@ -80,6 +86,8 @@ class Round:
             raise ValueError("pairs index the round's items")
         if self.answers_required < 1:
             raise ValueError(f"answers_required must be >= 1, got {self.answers_required}")
+        if any(action not in CHOICE_ACTIONS for action in self.actions) or (self.actions and self.answer != "choice"):
+            raise ValueError(f"a choice round's actions are some of {sorted(CHOICE_ACTIONS)}, got {self.actions}")
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,8 @@ class Answer:
     choice: tuple[int, ...] = ()
     scores: tuple[float, ...] = ()  # per pair in order, in [-1, 1]: +1 left better, -1 right better
     ratings: tuple[float, ...] = ()  # per item in order
+    action: ChoiceAction = "pick"  # choice: what the answer does (`choice` is empty unless it picks)
+    step_size: float | None = None  # choice: the step size the rater set for the rounds that follow
 
 
 # --- the round as a message --------------------------------------------------------------------------------------
@@ -108,6 +118,8 @@ def round_message(round_: Round, round_id: str, expires_at: float) -> opt.Feedba
         rating_max=round_.rating_range[1],
         generator=_model_ref(round_.generator),
         pairs=[opt.RoundPair(left=left, right=right) for left, right in round_.pairs],
+        actions=[CHOICE_ACTIONS[action] for action in round_.actions],  # type: ignore[misc]
+        step_size=round_.step_size,
     )
     message.expires_at.CopyFrom(timestamp(expires_at))
     for item in round_.items:
@@ -139,7 +151,11 @@ def check_answer(round_: opt.FeedbackRound, request: opt.SubmitFeedbackRequest) 
     items = len(round_.items)
     if given == "choice":
         indices = list(request.choice.indices)
-        if len(indices) != round_.choose:
+        _check_choice_extras(round_, request.choice)
+        if request.choice.action != opt.CHOICE_ACTION_PICK:
+            if indices:
+                raise invalid_argument("choice.indices", "an answer that does not pick gives no indices")
+        elif len(indices) != round_.choose:
             raise invalid_argument("choice.indices", f"pick exactly {round_.choose} items, got {len(indices)}")
         for position, index in enumerate(indices):
             if not 0 <= index < items:
@@ -170,6 +186,20 @@ def check_answer(round_: opt.FeedbackRound, request: opt.SubmitFeedbackRequest) 
                 raise invalid_argument(f"ratings.values[{position}]", f"must lie in [{low:g}, {high:g}], got {value}")
 
 
+def _check_choice_extras(round_: opt.FeedbackRound, choice: opt.Choice) -> None:
+    """The action and the step size of a choice, against what the round accepts."""
+    if choice.action != opt.CHOICE_ACTION_PICK and choice.action not in round_.actions:
+        offered = ", ".join(_ACTION_NAMES[a] for a in round_.actions) or "none"
+        name = _ACTION_NAMES.get(choice.action, str(choice.action))
+        text = f"round {round_.round} does not take `{name}` (it takes: pick, {offered})"
+        raise invalid_argument("choice.action", text)
+    if choice.HasField("step_size"):
+        if round_.step_size <= 0:
+            raise invalid_argument("choice.step_size", f"round {round_.round} takes no step size")
+        if not (math.isfinite(choice.step_size) and 0 < choice.step_size <= 1):
+            raise invalid_argument("choice.step_size", f"must lie in (0, 1], got {choice.step_size}")
+
+
 def interaction(
     job_id: str, round_: opt.FeedbackRound, request: opt.SubmitFeedbackRequest, rater: str, now: float
 ) -> opt.Interaction:
@@ -196,7 +226,13 @@ def answer_of(entry: opt.Interaction) -> Answer:
     """What the kind receives of a logged answer: pair scores in pair order, picks and ratings as given."""
     which = entry.WhichOneof("answer")
     if which == "choice":
-        return Answer(rater=entry.rater, choice=tuple(entry.choice.indices))
+        choice = entry.choice
+        return Answer(
+            rater=entry.rater,
+            choice=tuple(choice.indices),
+            action=_ACTION_NAMES[choice.action],  # type: ignore[arg-type]
+            step_size=choice.step_size if choice.HasField("step_size") else None,
+        )
     if which == "pairwise":
         by_pair = {
             j.pair: (j.score if j.HasField("score") else _PREFERENCE_SCORES[j.preference])

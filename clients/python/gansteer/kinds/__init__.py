@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from gansteer.kinds._common import Kind
+from gansteer.kinds.evolution import EVOLUTION, EvolutionOptions, EvolutionResult, evolution_spec
 from gansteer.kinds.inversion import INVERSION, InversionOptions, InversionResult, inversion_spec
 from gansteer.types import JobResult
 
-KINDS: Mapping[str, Kind] = {kind.name: kind for kind in (INVERSION,)}
+KINDS: Mapping[str, Kind] = {kind.name: kind for kind in (INVERSION, EVOLUTION)}
 
 
 def result_type(kind: str) -> type[JobResult]:
@@ -21,4 +22,14 @@ def result_type(kind: str) -> type[JobResult]:
     return KINDS[kind].result if kind in KINDS else JobResult
 
 
-__all__ = ["KINDS", "InversionOptions", "InversionResult", "Kind", "inversion_spec", "result_type"]
+__all__ = [
+    "KINDS",
+    "EvolutionOptions",
+    "EvolutionResult",
+    "InversionOptions",
+    "InversionResult",
+    "Kind",
+    "evolution_spec",
+    "inversion_spec",
+    "result_type",
+]

@@ -54,6 +54,12 @@ class Preference(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PREFERENCE_LEFT: _ClassVar[Preference]
     PREFERENCE_RIGHT: _ClassVar[Preference]
     PREFERENCE_TIE: _ClassVar[Preference]
+
+class ChoiceAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CHOICE_ACTION_PICK: _ClassVar[ChoiceAction]
+    CHOICE_ACTION_NONE_GOOD: _ClassVar[ChoiceAction]
+    CHOICE_ACTION_UNDO: _ClassVar[ChoiceAction]
 BUDGET_UNIT_UNSPECIFIED: BudgetUnit
 BUDGET_UNIT_ITERATIONS: BudgetUnit
 BUDGET_UNIT_GENERATOR_CALLS: BudgetUnit
@@ -78,6 +84,9 @@ PREFERENCE_UNSPECIFIED: Preference
 PREFERENCE_LEFT: Preference
 PREFERENCE_RIGHT: Preference
 PREFERENCE_TIE: Preference
+CHOICE_ACTION_PICK: ChoiceAction
+CHOICE_ACTION_NONE_GOOD: ChoiceAction
+CHOICE_ACTION_UNDO: ChoiceAction
 
 class Budget(_message.Message):
     __slots__ = ("unit", "amount")
@@ -176,32 +185,40 @@ class EmbeddingAMSpec(_message.Message):
     def __init__(self, generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., classifier: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., classes: _Optional[_Iterable[int]] = ..., target_classes: _Optional[_Iterable[int]] = ..., init: _Optional[str] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., samples_per_step: _Optional[int] = ..., resample_every: _Optional[int] = ..., clip_min: _Optional[float] = ..., clip_max: _Optional[float] = ..., trials: _Optional[int] = ..., diversity_space: _Optional[str] = ..., diversity_weight: _Optional[float] = ..., judge_classifier: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., register_version: _Optional[bool] = ..., seed: _Optional[int] = ..., backend: _Optional[_Union[Backend, str]] = ...) -> None: ...
 
 class LatentSearchSpec(_message.Message):
-    __slots__ = ("generator", "objective", "optimizer", "budget", "num_results", "condition", "search_class_embedding", "perturbations", "perturbation_sigma", "percentile", "seed", "backend")
+    __slots__ = ("generator", "objective", "optimizer", "budget", "restarts", "search_class_embedding", "perturbations", "perturbation_sigma", "percentile", "seed", "backend", "classes", "scorer", "judge", "discriminator", "prior_weight")
     GENERATOR_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
-    NUM_RESULTS_FIELD_NUMBER: _ClassVar[int]
-    CONDITION_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
     SEARCH_CLASS_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     PERTURBATIONS_FIELD_NUMBER: _ClassVar[int]
     PERTURBATION_SIGMA_FIELD_NUMBER: _ClassVar[int]
     PERCENTILE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    SCORER_FIELD_NUMBER: _ClassVar[int]
+    JUDGE_FIELD_NUMBER: _ClassVar[int]
+    DISCRIMINATOR_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     generator: _common_pb2.ModelRef
     objective: _containers.RepeatedCompositeFieldContainer[_scoring_pb2.ObjectiveTerm]
     optimizer: Optimizer
     budget: Budget
-    num_results: int
-    condition: _common_pb2.ClassCondition
+    restarts: int
     search_class_embedding: bool
     perturbations: int
     perturbation_sigma: float
     percentile: float
     seed: int
     backend: Backend
-    def __init__(self, generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., objective: _Optional[_Iterable[_Union[_scoring_pb2.ObjectiveTerm, _Mapping]]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., num_results: _Optional[int] = ..., condition: _Optional[_Union[_common_pb2.ClassCondition, _Mapping]] = ..., search_class_embedding: _Optional[bool] = ..., perturbations: _Optional[int] = ..., perturbation_sigma: _Optional[float] = ..., percentile: _Optional[float] = ..., seed: _Optional[int] = ..., backend: _Optional[_Union[Backend, str]] = ...) -> None: ...
+    classes: _containers.RepeatedScalarFieldContainer[int]
+    scorer: _common_pb2.ModelRef
+    judge: _common_pb2.ModelRef
+    discriminator: _common_pb2.ModelRef
+    prior_weight: float
+    def __init__(self, generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., objective: _Optional[_Iterable[_Union[_scoring_pb2.ObjectiveTerm, _Mapping]]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., restarts: _Optional[int] = ..., search_class_embedding: _Optional[bool] = ..., perturbations: _Optional[int] = ..., perturbation_sigma: _Optional[float] = ..., percentile: _Optional[float] = ..., seed: _Optional[int] = ..., backend: _Optional[_Union[Backend, str]] = ..., classes: _Optional[_Iterable[int]] = ..., scorer: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., judge: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., discriminator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., prior_weight: _Optional[float] = ...) -> None: ...
 
 class PIRTuningSpec(_message.Message):
     __slots__ = ("generator", "discriminator", "simulated_pir", "pir_estimator", "estimator_backbone", "estimator_bins", "estimator_temperature", "estimator_learning_rate", "estimator_epochs", "num_images", "pir_weight", "learning_rate", "steps", "iterations", "anchor_weight", "eval_images", "alpha", "seed")
@@ -268,24 +285,28 @@ class HumanNESSpec(_message.Message):
     def __init__(self, generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., basis_images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., basis_components: _Optional[int] = ..., sigma: _Optional[float] = ..., pairs_per_image: _Optional[int] = ..., images_per_round: _Optional[int] = ..., rounds: _Optional[int] = ..., learning_rate: _Optional[float] = ..., simulated_rater: _Optional[_Iterable[_Union[_scoring_pb2.ObjectiveTerm, _Mapping]]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class InteractiveEvolutionSpec(_message.Message):
-    __slots__ = ("generator", "mu", "offspring", "sigma", "rounds", "condition", "simulated_rater", "seed")
+    __slots__ = ("generator", "mu", "offspring", "mutation_rate", "rounds", "condition", "seed", "fixed_mutation_rate", "round_expiry_s", "backend")
     GENERATOR_FIELD_NUMBER: _ClassVar[int]
     MU_FIELD_NUMBER: _ClassVar[int]
     OFFSPRING_FIELD_NUMBER: _ClassVar[int]
-    SIGMA_FIELD_NUMBER: _ClassVar[int]
+    MUTATION_RATE_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     CONDITION_FIELD_NUMBER: _ClassVar[int]
-    SIMULATED_RATER_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    FIXED_MUTATION_RATE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_EXPIRY_S_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     generator: _common_pb2.ModelRef
     mu: int
     offspring: int
-    sigma: float
+    mutation_rate: float
     rounds: int
     condition: _common_pb2.ClassCondition
-    simulated_rater: _containers.RepeatedCompositeFieldContainer[_scoring_pb2.ObjectiveTerm]
     seed: int
-    def __init__(self, generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., mu: _Optional[int] = ..., offspring: _Optional[int] = ..., sigma: _Optional[float] = ..., rounds: _Optional[int] = ..., condition: _Optional[_Union[_common_pb2.ClassCondition, _Mapping]] = ..., simulated_rater: _Optional[_Iterable[_Union[_scoring_pb2.ObjectiveTerm, _Mapping]]] = ..., seed: _Optional[int] = ...) -> None: ...
+    fixed_mutation_rate: bool
+    round_expiry_s: float
+    backend: Backend
+    def __init__(self, generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., mu: _Optional[int] = ..., offspring: _Optional[int] = ..., mutation_rate: _Optional[float] = ..., rounds: _Optional[int] = ..., condition: _Optional[_Union[_common_pb2.ClassCondition, _Mapping]] = ..., seed: _Optional[int] = ..., fixed_mutation_rate: _Optional[bool] = ..., round_expiry_s: _Optional[float] = ..., backend: _Optional[_Union[Backend, str]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
     __slots__ = ("inversion", "embedding_am", "latent_search", "pir_tuning", "human_nes", "interactive_evolution", "priority", "time_limit_s", "idempotency_key", "labels", "preview_every")
@@ -343,7 +364,7 @@ class RoundPair(_message.Message):
     def __init__(self, left: _Optional[int] = ..., right: _Optional[int] = ...) -> None: ...
 
 class FeedbackRound(_message.Message):
-    __slots__ = ("round_id", "images", "choose", "num_pairs", "round", "answer", "items", "pairs", "generator", "expires_at", "allow_repeats", "answers_required", "answers_received", "rating_min", "rating_max")
+    __slots__ = ("round_id", "images", "choose", "num_pairs", "round", "answer", "items", "pairs", "generator", "expires_at", "allow_repeats", "answers_required", "answers_received", "rating_min", "rating_max", "actions", "step_size")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     CHOOSE_FIELD_NUMBER: _ClassVar[int]
@@ -359,6 +380,8 @@ class FeedbackRound(_message.Message):
     ANSWERS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     RATING_MIN_FIELD_NUMBER: _ClassVar[int]
     RATING_MAX_FIELD_NUMBER: _ClassVar[int]
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    STEP_SIZE_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     images: _common_pb2.ImageBatch
     choose: int
@@ -374,7 +397,9 @@ class FeedbackRound(_message.Message):
     answers_received: int
     rating_min: float
     rating_max: float
-    def __init__(self, round_id: _Optional[str] = ..., images: _Optional[_Union[_common_pb2.ImageBatch, _Mapping]] = ..., choose: _Optional[int] = ..., num_pairs: _Optional[int] = ..., round: _Optional[int] = ..., answer: _Optional[_Union[AnswerKind, str]] = ..., items: _Optional[_Iterable[_Union[RoundItem, _Mapping]]] = ..., pairs: _Optional[_Iterable[_Union[RoundPair, _Mapping]]] = ..., generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., allow_repeats: _Optional[bool] = ..., answers_required: _Optional[int] = ..., answers_received: _Optional[int] = ..., rating_min: _Optional[float] = ..., rating_max: _Optional[float] = ...) -> None: ...
+    actions: _containers.RepeatedScalarFieldContainer[ChoiceAction]
+    step_size: float
+    def __init__(self, round_id: _Optional[str] = ..., images: _Optional[_Union[_common_pb2.ImageBatch, _Mapping]] = ..., choose: _Optional[int] = ..., num_pairs: _Optional[int] = ..., round: _Optional[int] = ..., answer: _Optional[_Union[AnswerKind, str]] = ..., items: _Optional[_Iterable[_Union[RoundItem, _Mapping]]] = ..., pairs: _Optional[_Iterable[_Union[RoundPair, _Mapping]]] = ..., generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., allow_repeats: _Optional[bool] = ..., answers_required: _Optional[int] = ..., answers_received: _Optional[int] = ..., rating_min: _Optional[float] = ..., rating_max: _Optional[float] = ..., actions: _Optional[_Iterable[_Union[ChoiceAction, str]]] = ..., step_size: _Optional[float] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "kind", "state", "owner", "created_at", "started_at", "finished_at", "step", "total_steps", "criterion", "error", "error_details", "cancel_requested", "attempts", "last_event_id", "pending_round", "labels", "priority", "expires_at", "spec")
@@ -673,10 +698,14 @@ class PairwiseJudgements(_message.Message):
     def __init__(self, judgements: _Optional[_Iterable[_Union[PairwiseJudgement, _Mapping]]] = ...) -> None: ...
 
 class Choice(_message.Message):
-    __slots__ = ("indices",)
+    __slots__ = ("indices", "action", "step_size")
     INDICES_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    STEP_SIZE_FIELD_NUMBER: _ClassVar[int]
     indices: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, indices: _Optional[_Iterable[int]] = ...) -> None: ...
+    action: ChoiceAction
+    step_size: float
+    def __init__(self, indices: _Optional[_Iterable[int]] = ..., action: _Optional[_Union[ChoiceAction, str]] = ..., step_size: _Optional[float] = ...) -> None: ...
 
 class Ratings(_message.Message):
     __slots__ = ("values",)
