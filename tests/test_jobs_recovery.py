@@ -58,7 +58,9 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_resumes_from_its_checkp
         later = [e for e in events if e.event_id > killed.last_event_id]
         steps = [e.progress.step for e in later if e.HasField("progress")]
         checkpoint = steps[0] - 1
-        assert 40 <= checkpoint <= killed.step and checkpoint % 40 == 0  # a segment boundary, not step zero
+        # A segment boundary, not step zero. A segment ends after 40 steps or 1 s, whichever comes first (under load,
+        # the second), so the boundary need not be a multiple of 40.
+        assert 0 < checkpoint <= killed.step
         assert steps == list(range(checkpoint + 1, 161))
         resumed = [e.state_change.message for e in later if e.HasField("state_change")]
         assert resumed[0] == f"resumed at step {checkpoint} after a lost worker (delivery 2)"

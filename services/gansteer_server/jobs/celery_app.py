@@ -19,13 +19,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
 import redis
 import torch
 from celery import Celery, Task
-from celery.exceptions import Retry
+from celery.exceptions import Reject, Retry
 from celery.utils.time import get_exponential_backoff_interval
 from kombu import Exchange, Queue
 from kombu.exceptions import OperationalError
@@ -238,7 +239,13 @@ def _register_task(app: Celery, jobs: Jobs, kind: JobKind) -> None:
 
 
 def _retry(task: Task, context: WorkerContext, job_id: str, segment: int, error: Exception) -> NoReturn:
-    """Retry the task after a Redis or broker error; fail the job when it cannot be retried."""
+    """Retry the task after a Redis or broker error; fail the job when its retries ran out.
+
+    Redis is both the broker and the job store, so while it is down neither a retry message nor a failed job can be
+    written. The task then waits for Redis (a bounded while, well inside the visibility timeout) and tries again;
+    a message is never dropped: if Redis stays down, the task is rejected with requeue, and a reject that cannot
+    reach Redis leaves the message unacknowledged, for the broker to deliver again once Redis is back.
+    """
     try:
         # So the retry (or a re-delivery) claims at once and counts no delivery; when Redis still fails, the
         # lease lapses, or this worker's next try takes it back.
@@ -249,22 +256,50 @@ def _retry(task: Task, context: WorkerContext, job_id: str, segment: int, error:
     logger.warning(
         "job %s segment %d: %s: %s; retried in %d s", job_id, segment, type(error).__name__, error, countdown
     )
-    try:
-        raise task.retry(exc=error, countdown=countdown)
-    except Retry:
-        raise
-    except Exception:  # the retries ran out (the error itself) or the retry message could not be sent (Reject)
+    if task.request.retries >= (task.max_retries or 0):
         _give_up(context, job_id, segment, error)
-        raise
+        raise error
+    deadline = time.monotonic() + context.settings.visibility_timeout_s / 3
+    while True:
+        try:
+            raise task.retry(exc=error, countdown=countdown)
+        except Retry:
+            raise
+        except Exception as sending:  # celery's Reject(requeue=False): the retry message could not be sent
+            if not _wait_for_redis(context, deadline):
+                logger.warning(
+                    "job %s segment %d: Redis still down; the message goes back to the queue", job_id, segment
+                )
+                raise Reject(sending, requeue=True) from sending
+
+
+def _wait_for_redis(context: WorkerContext, deadline: float) -> bool:
+    """Ping the job store's Redis with backoff until it answers (True) or `deadline` passes (False)."""
+    delay = 0.2
+    while time.monotonic() < deadline:
+        try:
+            if context.store.client.ping():
+                return True
+        except redis.RedisError:
+            pass
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 2, 5.0)
+    return False
 
 
 def _give_up(context: WorkerContext, job_id: str, segment: int, error: BaseException) -> None:
-    """Fail the job of a task that ends without retrying, unless another task still carries it (JobStore.abort)."""
+    """Fail the job of a task that ends without retrying, unless another task still carries it (JobStore.abort).
+    While Redis is down the job cannot be marked failed: the task waits for it a while, and is then rejected with
+    requeue rather than leaving a job RUNNING with no message."""
     message = f"the task of segment {segment} failed and is not retried: {type(error).__name__}: {error}"
-    try:
-        failed = context.store.abort(job_id, message, "TASK_ERROR", segment=segment, owner=context.lease_owner)
-    except Exception:
-        logger.exception("job %s: its task gave up and the job could not be marked failed", job_id)
-        return
+    deadline = time.monotonic() + context.settings.visibility_timeout_s / 3
+    while True:
+        try:
+            failed = context.store.abort(job_id, message, "TASK_ERROR", segment=segment, owner=context.lease_owner)
+            break
+        except redis.RedisError as store_error:
+            if not _wait_for_redis(context, deadline):
+                logger.error("job %s: its task gave up and Redis is down; the message goes back to the queue", job_id)
+                raise Reject(store_error, requeue=True) from store_error
     if failed:
         logger.error("job %s failed: %s", job_id, message, exc_info=error)
