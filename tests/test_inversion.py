@@ -22,12 +22,13 @@ from gansteer_server.algorithms.inversion import (
     StepSchedule,
 )
 from gansteer_server.algorithms.inversion.metrics import psnr, ssim
-from gansteer_server.algorithms.search import is_gradient_optimizer
+from gansteer_server.algorithms.search import HybridOptimizer, is_gradient_optimizer
 from gansteer_server.models.architectures.scenes import ScenesClassifier, ScenesDiscriminator, ScenesGenerator
 
 Z_SIZE, NUM_CLASSES = 16, 5
 GRADIENT = [name for name in OPTIMIZERS if is_gradient_optimizer(name)]
-POPULATION = [name for name in OPTIMIZERS if not is_gradient_optimizer(name)]
+HYBRID = [name for name in OPTIMIZERS if issubclass(OPTIMIZERS[name], HybridOptimizer)]
+POPULATION = [name for name in OPTIMIZERS if not is_gradient_optimizer(name) and name not in HYBRID]
 
 
 class CountingGenerator:
@@ -173,6 +174,18 @@ def test_a_population_costs_one_generator_forward_per_step(networks, targets, op
     assert len(generator.calls) == 3
     assert all(len(z) == 2 * 2 * 5 for z, _ in generator.calls)  # targets x restarts x population
     assert reports[-1].generator_calls == 3 * 2 * 5  # per target
+
+
+@pytest.mark.parametrize("optimizer", HYBRID)
+def test_a_hybrid_step_costs_a_forward_per_refinement_step(networks, targets, optimizer):
+    """BasinCMA: each of the population's candidates is refined by Adam, one batched forward per Adam step."""
+    models, generator = make_models(networks)
+    config = InversionConfig(optimizer=optimizer, budget=200, budget_unit="generator_calls", population=4, seed=0)
+    run = InversionRun(config, models, targets)
+    reports = run_to_end(run)
+    assert all(len(z) == 2 * 4 for z, _ in generator.calls)  # targets x population, every Adam step
+    assert len(generator.calls) == 2 * 20 and reports[-1].generator_calls == 2 * 4 * 20  # 20 Adam steps per step
+    assert (run.result()[0].curve[-1] <= run.result()[0].curve[0]).all()
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "lbfgs", "random_search", "TwoPointsDE"])

@@ -19,6 +19,7 @@ from gansteer_server.algorithms.search import (
     ConditionedLatentSpace,
     EmbeddingRowSpace,
     Evaluation,
+    HybridOptimizer,
     LatentClassSpace,
     Latents,
     LatentSpace,
@@ -31,7 +32,13 @@ from gansteer_server.algorithms.search import (
 )
 
 GRADIENT = [name for name in OPTIMIZERS if is_gradient_optimizer(name)]
-POPULATION = [name for name in OPTIMIZERS if not is_gradient_optimizer(name)]
+# Gradient-free optimizers that evaluate one population per step (a hybrid also refines it: its own tests are in
+# tests/test_latent_search.py).
+POPULATION = [
+    name
+    for name in OPTIMIZERS
+    if not is_gradient_optimizer(name) and not issubclass(OPTIMIZERS[name], HybridOptimizer)
+]
 STEP = StepSchedule(learning_rate=0.5)
 
 

@@ -21,15 +21,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gansteer_server.algorithms.inversion import OPTIMIZERS, InversionConfig, InversionModels, InversionRun
+from gansteer_server.algorithms.inversion import InversionConfig, InversionModels, InversionRun
 
 FIXTURE = Path(__file__).parent / "fixtures" / "inversion_recorded.json"
 Z_SIZE, NUM_CLASSES, EMBEDDING = 8, 4, 6
 BUDGETS = {"iterations": 24, "generator_calls": 60}  # decays at 1/3 and 2/3 of either
+# The optimizers the fixture was recorded with; those registered since (seed 002's `cmaes`, `ga`, `basincma`) never
+# ran on the code before the move and are tested where they were added (tests/test_latent_search.py).
+RECORDED = ("CMA", "DE", "DiscreteDE", "DiscreteOnePlusOne", "TwoPointsDE", "adam", "lbfgs", "nesterov")
+RECORDED += ("random_search",)
 CASES = [
     *(
         f"{optimizer}/{class_mode}/{unit}"
-        for optimizer, class_mode, unit in itertools.product(sorted(OPTIMIZERS), ("search", "conditioned"), BUDGETS)
+        for optimizer, class_mode, unit in itertools.product(RECORDED, ("search", "conditioned"), BUDGETS)
     ),
     "adam/none/iterations",  # the latent-only space, with one optimizer of each family
     "DE/none/iterations",

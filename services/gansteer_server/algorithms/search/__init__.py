@@ -3,6 +3,13 @@
 checkpoints are `SearchRun`'s."""
 
 from gansteer_server.algorithms.search.budget import BUDGET_UNITS, Budget, BudgetUnit
+from gansteer_server.algorithms.search.evolution import (
+    HybridOptimizer,
+    OptionError,
+    calls_per_candidate,
+    optimizer_options,
+    population_floor,
+)
 from gansteer_server.algorithms.search.objective import Evaluation, Objective
 from gansteer_server.algorithms.search.optimizers import (
     DEFAULT_POPULATION,
@@ -39,11 +46,13 @@ __all__ = [
     "EmbeddingRowSpace",
     "Evaluation",
     "GradientOptimizer",
+    "HybridOptimizer",
     "LatentClassSpace",
     "LatentSpace",
     "Latents",
     "Objective",
     "OptimizerInfo",
+    "OptionError",
     "ParameterSpace",
     "PopulationOptimizer",
     "SearchReport",
@@ -51,8 +60,11 @@ __all__ = [
     "SearchSpace",
     "StepSchedule",
     "Variables",
+    "calls_per_candidate",
     "embedding_scale",
     "is_gradient_optimizer",
     "optimizer_catalog",
+    "optimizer_options",
+    "population_floor",
     "register_optimizer",
 ]

@@ -10,6 +10,7 @@ reports values in the objective's own sense.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from gansteer_server.algorithms.search.budget import Budget
+from gansteer_server.algorithms.search.evolution import HybridOptimizer, calls_per_candidate, optimizer_options
 from gansteer_server.algorithms.search.objective import Evaluation, Objective
 from gansteer_server.algorithms.search.optimizers import (
     DEFAULT_POPULATION,
@@ -70,8 +72,10 @@ class SearchRun:
         population: int = DEFAULT_POPULATION,
         restarts: int = 1,
         seed: int = 0,
+        options: Mapping[str, Any] | None = None,
     ) -> None:
         self.gradient = is_gradient_optimizer(optimizer)  # raises on an unknown name
+        self.options = optimizer_options(optimizer, options or {})  # raises OptionError naming the option
         if population < 1 or restarts < 1:
             raise ValueError(f"population and restarts must be >= 1, got {population} and {restarts}")
         if space.searches % restarts:
@@ -81,7 +85,8 @@ class SearchRun:
         self.space, self.objective, self.optimizer_name = space, objective, optimizer
         self.budget, self.schedule = budget, schedule or StepSchedule()
         self.restarts, self.groups = restarts, space.searches // restarts
-        self.step_cost = restarts * (1 if self.gradient else population)  # generator calls per group per step
+        # generator calls per group per step (a hybrid's candidates cost one call per refinement step each)
+        self.step_cost = restarts * (1 if self.gradient else population * calls_per_candidate(optimizer, self.options))
         if not budget.allows(0, 0, self.step_cost):
             raise ValueError(f"budget {budget.amount} generator calls is below one step's cost {self.step_cost}")
 
@@ -98,6 +103,7 @@ class SearchRun:
                 population=population,
                 budget=budget.evaluations_per_search(restarts, population),
                 seed=seed,
+                **self.options,
             )
         self._steps = self._generator_calls = self._decays = 0
         self._exhausted = False
@@ -165,6 +171,8 @@ class SearchRun:
             raise RuntimeError("the run is done")
         if isinstance(self.optimizer, GradientOptimizer):
             self._gradient_step(self.optimizer)
+        elif isinstance(self.optimizer, HybridOptimizer):
+            self._hybrid_step(self.optimizer)
         else:
             self._population_step(self.optimizer)
         self._steps += 1
@@ -231,6 +239,39 @@ class SearchRun:
         rows = torch.arange(searches)
         picked = {name: term.view(searches, population)[rows, pick] for name, term in evaluation.terms.items()}
         self._record(candidates[rows, pick], losses[rows, pick], picked)
+
+    def _hybrid_step(self, optimizer: HybridOptimizer) -> None:
+        """Ask a population, refine every candidate with Adam (all M x P in one batch per Adam step), keep each
+        search's best point along the way and tell the optimizer each candidate's best refined loss."""
+        candidates = optimizer.ask()  # (M, P, D)
+        searches, population, _ = candidates.shape
+        index = torch.arange(searches).repeat_interleave(population)
+        points = candidates.reshape(searches * population, -1).clone().requires_grad_(True)
+        adam = OPTIMIZERS["adam"](points, lr=optimizer.refine_lr)  # type: ignore[call-arg]
+        assert isinstance(adam, GradientOptimizer)
+        basin = torch.full((searches * population,), float("inf"))
+        rows = torch.arange(searches)
+
+        def closure() -> Tensor:
+            nonlocal basin
+            adam.zero_grad()
+            losses, evaluation = self._evaluate(points, index)
+            flat = torch.nan_to_num(losses.detach(), nan=float("inf"))
+            basin = torch.minimum(basin, flat)
+            pick = flat.view(searches, population).argmin(dim=1)
+            picked = {
+                name: term.detach().view(searches, population)[rows, pick] for name, term in evaluation.terms.items()
+            }
+            at = rows * population + pick
+            self._record(points.detach()[at].clone(), flat[at], picked)
+            total = losses.sum()
+            total.backward()
+            return total
+
+        with torch.enable_grad():
+            for _ in range(optimizer.refine_steps):
+                adam.step(closure)
+        optimizer.tell(basin.view(searches, population))
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
 
