@@ -17,9 +17,21 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from job_fixtures import ROUNDS, JobStack, OptimizationStub, RoundSpec, SleepSpec, evolution_spec, inversion_spec
+from job_fixtures import (
+    CLASSES,
+    CLF,
+    GEN,
+    ROUNDS,
+    JobStack,
+    OptimizationStub,
+    RoundSpec,
+    SleepSpec,
+    evolution_spec,
+    inversion_spec,
+)
 
 from gansteer.tensors import from_tensor_proto
+from gansteer.v1 import common_pb2
 from gansteer.v1 import optimization_pb2 as S
 from gansteer_server.jobs.backends import Backends
 from gansteer_server.jobs.celery_app import create_store
@@ -65,6 +77,43 @@ def _evolution_bad_rate(spec: S.JobSpec) -> None:
     spec.interactive_evolution.mutation_rate = 1.5
 
 
+def _latent_search_spec() -> S.JobSpec:
+    """CMA-ES over two classes x two restarts of the tiny generator, its classifier as objective and judge."""
+    spec = S.LatentSearchSpec(
+        generator=common_pb2.ModelRef(name=GEN),
+        scorer=common_pb2.ModelRef(name=CLF),
+        judge=common_pb2.ModelRef(name=CLF),
+        classes=[1, 3],
+        restarts=2,
+        optimizer=S.Optimizer(name="cmaes", population_size=4),
+        budget=S.Budget(unit=S.BUDGET_UNIT_GENERATOR_CALLS, amount=48),
+        perturbations=16,
+        seed=5,
+    )
+    return S.JobSpec(latent_search=spec)
+
+
+def _search_unknown_output(spec: S.JobSpec) -> None:
+    spec.latent_search.objective.add().output.output = "mountain_likeness"
+
+
+def _search_bad_class(spec: S.JobSpec) -> None:
+    spec.latent_search.classes[1] = CLASSES
+
+
+def _search_bad_sigma(spec: S.JobSpec) -> None:
+    spec.latent_search.optimizer.options.update({"sigma": 0.0})
+
+
+def _search_bad_population(spec: S.JobSpec) -> None:
+    spec.latent_search.optimizer.population_size = 1
+
+
+def _search_bad_mutation(spec: S.JobSpec) -> None:
+    spec.latent_search.optimizer.name = "ga"
+    spec.latent_search.optimizer.options.update({"mutation": 1.0})
+
+
 CASES: dict[str, Case] = {
     "inversion": Case(
         spec=lambda: inversion_spec(budget=12, targets=2, seed=3),
@@ -80,6 +129,16 @@ CASES: dict[str, Case] = {
             (_evolution_bad_mu, "spec.interactive_evolution.mu"),
             (_evolution_bad_class, "spec.interactive_evolution.condition.class_ids.ids[0]"),
             (_evolution_bad_rate, "spec.interactive_evolution.mutation_rate"),
+        ],
+    ),
+    "latent_search": Case(
+        spec=_latent_search_spec,
+        bad=[
+            (_search_unknown_output, "spec.latent_search.objective[0].output.output"),
+            (_search_bad_class, "spec.latent_search.classes[1]"),
+            (_search_bad_sigma, "spec.latent_search.optimizer.options.sigma"),
+            (_search_bad_population, "spec.latent_search.optimizer.population_size"),
+            (_search_bad_mutation, "spec.latent_search.optimizer.options.mutation"),
         ],
     ),
     "test_sleep": Case(spec=lambda: SleepSpec(steps=12, sleep_s=0.0)),

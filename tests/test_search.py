@@ -35,9 +35,7 @@ GRADIENT = [name for name in OPTIMIZERS if is_gradient_optimizer(name)]
 # Gradient-free optimizers that evaluate one population per step (a hybrid also refines it: its own tests are in
 # tests/test_latent_search.py).
 POPULATION = [
-    name
-    for name in OPTIMIZERS
-    if not is_gradient_optimizer(name) and not issubclass(OPTIMIZERS[name], HybridOptimizer)
+    name for name in OPTIMIZERS if not is_gradient_optimizer(name) and not issubclass(OPTIMIZERS[name], HybridOptimizer)
 ]
 STEP = StepSchedule(learning_rate=0.5)
 

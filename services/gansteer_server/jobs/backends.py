@@ -68,6 +68,11 @@ class ModelBackend(Protocol):
 
     def feature_extractor(self, ref: str) -> FeatureExtractor: ...
 
+    def scorer(self, ref: str) -> nn.Module:
+        """A scorer model (classifier, discriminator, PIR estimator) as a module in this process, for objectives of
+        any scorer output (latent search); images in [-1, 1]."""
+        ...
+
 
 # --- local -----------------------------------------------------------------------------------------------------
 
@@ -100,6 +105,9 @@ class LocalBackend:
         return self._cached("scorer", ref, ImageInput)  # type: ignore[no-any-return]
 
     def feature_extractor(self, ref: str) -> FeatureExtractor:
+        return self._cached("scorer", ref, ImageInput)  # type: ignore[no-any-return]
+
+    def scorer(self, ref: str) -> nn.Module:
         return self._cached("scorer", ref, ImageInput)  # type: ignore[no-any-return]
 
 
@@ -294,6 +302,10 @@ class RemoteBackend:
 
     def feature_extractor(self, ref: str) -> FeatureExtractor:
         return self.local.feature_extractor(ref)
+
+    def scorer(self, ref: str) -> nn.Module:
+        """In the worker, as the feature extractor: an objective of several outputs shares one forward per model."""
+        return self.local.scorer(ref)
 
 
 class Backends:
