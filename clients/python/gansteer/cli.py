@@ -1,5 +1,5 @@
 """`gansteer`: the command line over the SDK: start a local stack, list models, job kinds and optimizers, generate,
-invert, manage jobs.
+invert, evolve, search latents, manage jobs.
 
 Scripts rely on two things: `--json` (one JSON document on stdout; `jobs watch --json` writes one per event) and the
 exit codes, which say what went wrong without parsing messages:
@@ -30,8 +30,11 @@ from gansteer._transport import DEFAULT_TARGET
 from gansteer.client import Client
 from gansteer.images import image_grid, save_inversion
 from gansteer.job import Job
+from gansteer.kinds.evolution import EvolutionOptions
 from gansteer.kinds.inversion import DEFAULT_BUDGET, InversionOptions
-from gansteer.types import JobState, OptimizerInfo, StateChanged
+from gansteer.kinds.latent_search import DEFAULT_BUDGET as SEARCH_BUDGET
+from gansteer.kinds.latent_search import LatentSearchOptions
+from gansteer.types import Answer, JobState, OptimizerInfo, Round, StateChanged
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_UNAVAILABLE, EXIT_JOB_FAILED = 0, 1, 2, 3, 4, 5, 6
 EXIT_INTERRUPTED = 130
@@ -301,6 +304,149 @@ def cmd_jobs_result(args: argparse.Namespace) -> int:
         return _wait_and_save(args, job, None)
 
 
+# `gansteer evolve` options passed to `Client.evolve` under the same name when given.
+_EVOLVE_OPTIONS = ("mu", "offspring", "mutation_rate", "rounds", "seed", "round_expiry_s")
+
+
+def _terminal_rater(out: Path) -> Callable[[Round], Answer]:
+    """A person at the terminal: each round is saved as a numbered grid, the answer is typed."""
+
+    def rater(round: Round) -> Answer:
+        path = out / f"round-{round.round:03d}.png"
+        images = round.images()
+        image_grid([images[start : start + 7] for start in range(0, len(images), 7)], cell=64).save(path)
+        prompt = (
+            f"round {round.round}: {path} shows {len(round.items)} images (0 to {len(round.items) - 1}, row by row).\n"
+            f"pick {round.choose} (repeats allowed), or `n` none is good, `u` undo; add `s=RATE` to set the step "
+            f"size (now {round.step_size:.3g}): "
+        )
+        while True:
+            words = input(prompt).split()
+            step = [float(w[2:]) for w in words if w.startswith("s=")]
+            rest = [w for w in words if not w.startswith("s=")]
+            step_size = step[0] if step else None
+            if rest in (["n"], ["u"]):
+                return Answer(action="none_good" if rest == ["n"] else "undo", step_size=step_size)
+            if len(rest) == round.choose and all(w.isdigit() and int(w) < len(round.items) for w in rest):
+                return Answer(choice=[int(w) for w in rest], step_size=step_size)
+            print(f"give {round.choose} numbers from 0 to {len(round.items) - 1}, or n, or u", file=sys.stderr)
+
+    return rater
+
+
+def cmd_evolve(args: argparse.Namespace) -> int:
+    from gansteer.simulate import SimulatedPerson, Target
+
+    given = {name: getattr(args, name) for name in _EVOLVE_OPTIONS if getattr(args, name) is not None}
+    options = cast(EvolutionOptions, given)
+    if args.conditioned_class is not None:
+        cls = args.conditioned_class
+        options["conditioned_class"] = int(cls) if cls.isdigit() else cls
+    if args.simulate is not None and not Path(args.simulate).is_file():
+        raise errors.InvalidArgument(f"{args.simulate}: no such file")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with _client(args) as client:
+        job = client.evolve(model=args.model, **options)
+        if args.no_wait:
+            _emit(args, {"job_id": job.id, "state": "queued"}, lambda: job.id)
+            return EXIT_OK
+        if not args.json:
+            print(f"submitted job {job.id}", file=sys.stderr)
+        if args.simulate is not None:
+            goal = Target(args.simulate)
+            person = SimulatedPerson(
+                client, goal, perceive_with=args.perceive_with, noise=args.noise, rater_id="gansteer-cli-simulated"
+            )
+            status = person.answer(job)
+        else:
+            status = job.answer_rounds(_terminal_rater(out), rater_id=args.rater)
+        if status.state is not JobState.SUCCEEDED:
+            raise errors.JobFailed(status)
+        result = job.result(wait=False)
+        paths = [out / f"pick-{i}.png" for i in range(len(result.images))]
+        for image, path in zip(result.images, paths, strict=True):
+            image.save(path)
+        document = {"job_id": job.id, "metrics": result.metrics, "picks": paths, "rounds": len(job.interactions())}
+        _emit(args, document, lambda: "\n".join([f"job {job.id} succeeded", *(str(p) for p in paths)]))
+        return EXIT_OK
+
+
+# `gansteer search` options passed to `Client.latent_search` under the same name when given.
+_SEARCH_OPTIONS = (
+    "optimizer",
+    "learning_rate",
+    "population_size",
+    "budget",
+    "budget_unit",
+    "restarts",
+    "scorer",
+    "judge",
+    "discriminator",
+    "prior_weight",
+    "perturbations",
+    "seed",
+    "backend",
+)
+
+
+def _option_value(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise errors.InvalidArgument(f"--option: {text!r} is not a number") from None
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    given = {name: getattr(args, name) for name in _SEARCH_OPTIONS if getattr(args, name) is not None}
+    options = cast(LatentSearchOptions, given)
+    if args.classes:
+        options["classes"] = [int(c) if c.isdigit() else c for c in args.classes]
+    if args.objective:
+        options["objective"] = list(args.objective)
+    if args.search_class:
+        options["search_class_embedding"] = True
+    if args.option:
+        pairs = [item.split("=", 1) for item in args.option]
+        if any(len(pair) != 2 for pair in pairs):
+            raise errors.InvalidArgument("--option: give KEY=VALUE, e.g. sigma=0.5")
+        options["optimizer_options"] = {key: _option_value(value) for key, value in pairs}
+    with _client(args) as client:
+        job = client.latent_search(model=args.model, **options)
+        if args.no_wait:
+            _emit(args, {"job_id": job.id, "state": "queued"}, lambda: job.id)
+            return EXIT_OK
+        if not args.json:
+            print(f"submitted job {job.id}", file=sys.stderr)
+        try:
+            job.wait(progress=not args.json and not args.quiet)
+        except KeyboardInterrupt:
+            job.cancel("interrupted from the command line")
+            print(f"cancelled job {job.id}", file=sys.stderr)
+            raise
+        result = job.result(wait=False)
+    document: dict[str, Any] = {"job_id": job.id, "metrics": result.metrics, "items": result.item_metrics}
+    lines = [f"job {job.id} succeeded"] + [
+        f"{name} {value:.4g}" for name, value in sorted(result.metrics.items()) if name not in ("steps",)
+    ]
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = [out / f"result_{i}.png" for i in range(len(result.images))]
+        for image, path in zip(result.images, paths, strict=True):
+            image.save(path)
+        image_grid([result.images]).save(out / "grid.png")
+        np.save(out / "latents.npy", result.latents)
+        (out / "metrics.json").write_text(json.dumps(_plain(document), indent=2))
+        document["files"] = {"results": paths, "grid": out / "grid.png", "latents": out / "latents.npy"}
+        lines.append(f"grid: {out / 'grid.png'}")
+    for i, item in enumerate(result.item_metrics):
+        shown = ("class_id", "objective", "robustness", "judge_prob", "realism")
+        lines.append(f"result {i}: " + ", ".join(f"{k} {item[k]:.4g}" for k in shown if k in item))
+    _emit(args, document, lambda: "\n".join(lines))
+    return EXIT_OK
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from gansteer.up import run_up
 
@@ -387,6 +533,22 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--truncation", type=float)
     generate.add_argument("--out", default="out/generated", help="folder for the images (default out/generated)")
 
+    evolve = command("evolve", "interactive evolution: pick the best images each round (HEVOL)", cmd_evolve)
+    evolve.add_argument("--model", default="scenes-gen", help="generator (default scenes-gen)")
+    evolve.add_argument("--mu", type=int, help="picks per round (server default 5)")
+    evolve.add_argument("--offspring", type=int, help="lambda: each round shows 1 + offspring images (default 27)")
+    evolve.add_argument("--mutation-rate", type=float, help="the step size (default 1/latent size, self-adapted)")
+    evolve.add_argument("--rounds", type=int, default=6, help="rounds to answer (default 6; 0: until cancelled)")
+    evolve.add_argument("--class", dest="conditioned_class", metavar="CLASS", help="hold this class fixed")
+    evolve.add_argument("--seed", type=int)
+    evolve.add_argument("--round-expiry-s", type=float)
+    evolve.add_argument("--simulate", metavar="TARGET", help="let a simulated person aiming at this image answer")
+    evolve.add_argument("--noise", type=float, default=0.05, help="the simulated person's noise (default 0.05)")
+    evolve.add_argument("--perceive-with", default="scenes-clf", help="the simulated person's feature extractor")
+    evolve.add_argument("--rater", default="", help="your rater name (the log keeps a pseudonym)")
+    evolve.add_argument("--out", default="out/evolve", help="round grids and the final picks (default out/evolve)")
+    evolve.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+
     invert = command("invert", "find latents whose images resemble the target images", cmd_invert)
     invert.add_argument("targets", nargs="+", metavar="TARGET", help="image files")
     invert.add_argument("--model", default="scenes-gen", help="generator (default scenes-gen)")
@@ -404,6 +566,34 @@ def build_parser() -> argparse.ArgumentParser:
     invert.add_argument("--backend", choices=["local", "remote"])
     invert.add_argument("--out", help="write targets, results, grid.png, latents.npy, metrics.json here")
     invert.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+
+    search = command("search", "search latents whose images maximise a scorer's output (seed 002)", cmd_search)
+    search.add_argument("--model", default="scenes-gen", help="generator (default scenes-gen)")
+    search.add_argument(
+        "--class", dest="classes", action="append", metavar="CLASS", help="target class, id or name (repeatable)"
+    )
+    search.add_argument(
+        "--objective", action="append", metavar="OUTPUT", help="scorer output to maximise (default class_logit)"
+    )
+    search.add_argument("--scorer", help="model of the objective (default: the generator card's classifier)")
+    search.add_argument("--judge", help="independent classifier judging the results (default: the card's judge)")
+    search.add_argument("--discriminator", help="realism scorer (default: the card's pair)")
+    search.add_argument("--optimizer", help="adam (default: gradient ascent), cmaes, ga, or any of `optimizers`")
+    search.add_argument("--option", action="append", metavar="KEY=VALUE", help="optimizer option, e.g. sigma=0.5")
+    search.add_argument("--population-size", type=int)
+    search.add_argument("--learning-rate", type=float)
+    search.add_argument(
+        "--budget", type=int, default=SEARCH_BUDGET, help="generator calls per search, or iterations (600)"
+    )
+    search.add_argument("--budget-unit", choices=["iterations", "generator_calls"], default="generator_calls")
+    search.add_argument("--restarts", type=int)
+    search.add_argument("--search-class", action="store_true", help="search a class vector with z")
+    search.add_argument("--prior-weight", type=float)
+    search.add_argument("--perturbations", type=int)
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--backend", choices=["local", "remote"])
+    search.add_argument("--out", help="write results, grid.png, latents.npy, metrics.json here")
+    search.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
 
     jobs = command("jobs", "list, watch, cancel jobs and fetch their results", lambda _args: EXIT_USAGE)
     job_commands = jobs.add_subparsers(dest="jobs_command", required=True, metavar="JOBS_COMMAND")
