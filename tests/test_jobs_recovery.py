@@ -154,3 +154,17 @@ def test_a_job_past_its_time_limit_fails_keeping_its_best_result(stack: JobStack
     # Every step sleeps at least 0.05 s, so the 0.3 s limit stops the job by step 7 however loaded the machine is
     # (a slow machine only takes fewer): far short of the 1000 steps it asked for.
     assert 1 <= final.step <= 7
+
+
+def test_the_next_segment_met_during_the_hand_over_is_tried_again_at_once(stack: JobStack) -> None:
+    """The runner sends segment 1 just before it releases segment 0's lease; a second worker that takes segment 1 in
+    between retries in a quarter second, not when the lease would lapse (which stalled jobs by up to 20 s)."""
+    context, sent = _inline_context(stack)
+    store = context.store
+    job_id = _sleep_job(store)
+    other = "elsewhere:4242:abc"
+    store.claim(job_id, 0, other, 60.0, 3, owner_is_dead)
+    assert run_segment(context, job_id, 1) == "held"
+    assert sent[-1][:2] == (job_id, 1) and sent[-1][2] < 1.0
+    store.advance(job_id, other, 0, checkpoint=_state(steps=5), run_seconds=0.1)
+    assert run_segment(context, job_id, 1) == "segment"

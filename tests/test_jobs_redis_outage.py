@@ -8,14 +8,17 @@ import contextlib
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 import redis
 from job_fixtures import SLEEP, JobStack, SleepSpec, wait_for
 
+import gansteer
 from gansteer.v1 import optimization_pb2 as S
 
 pytestmark = [pytest.mark.job, pytest.mark.slow]
@@ -69,6 +72,13 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
             server.process.wait(10)
 
 
+def _wait(job: gansteer.Job) -> object:
+    try:
+        return job.wait(progress=False, timeout=120)
+    except Exception as error:  # handed to the test's thread, which reports it
+        return error
+
+
 def test_a_running_job_survives_a_redis_outage(tmp_path: Path, private_redis: PrivateRedis) -> None:
     # A visibility timeout far longer than the outage: the job must not wait for the broker to re-deliver a message
     # it dropped or left unacknowledged.
@@ -81,7 +91,15 @@ def test_a_running_job_survives_a_redis_outage(tmp_path: Path, private_redis: Pr
         record, _ = stack.servers[0].jobs.submit(SLEEP, SleepSpec(steps=80, sleep_s=0.05), owner="")
         store = stack.servers[0].jobs.store
         wait_for(lambda: (store.get(record.id) or record).step >= 10, 60, "the job to be running")
+        waited: list[object] = []
+        client = gansteer.Client(stack.servers[0].address, timeout=10)
+        job_handle = client.job(record.id)
+        waiter = threading.Thread(target=lambda: waited.append(_wait(job_handle)), daemon=True)
+        waiter.start()  # a user's `job.wait()` through the outage
         private_redis.stop()
+        with pytest.raises(grpc.RpcError) as outage:  # a retryable status, not INTERNAL
+            stub.GetJob(S.GetJobRequest(job_id=record.id), timeout=10)
+        assert outage.value.code() == grpc.StatusCode.UNAVAILABLE and "Redis" in outage.value.details()
         time.sleep(3.0)
         private_redis.start()
 
@@ -96,5 +114,9 @@ def test_a_running_job_survives_a_redis_outage(tmp_path: Path, private_redis: Pr
         assert job.state == S.JOB_STATE_SUCCEEDED, (job.error, stack.workers[0].output()[-4000:])
         result = stub.GetResult(S.GetResultRequest(job_id=record.id), timeout=10).result
         assert result.metrics["steps"] == 80
+        waiter.join(60)
+        client.close()
+        assert len(waited) == 1 and isinstance(waited[0], gansteer.JobStatus), waited
+        assert waited[0].state == gansteer.JobState.SUCCEEDED
     finally:
         stack.close()

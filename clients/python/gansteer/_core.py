@@ -64,6 +64,7 @@ R = TypeVar("R")
 class Settings(Protocol):
     retries: int
     watch_window: float
+    outage_patience: float
 
 
 class Core:
@@ -73,14 +74,17 @@ class Core:
         self._settings = settings
         self._cards: dict[str, ModelInfo] = {}
 
-    def unary(self, call: Call, *, idempotent: bool = True) -> Steps[Any]:
-        """One call, repeated on UNAVAILABLE with backoff when `idempotent` (safe to repeat)."""
-        attempt = 0
+    def unary(self, call: Call, *, idempotent: bool = True, patient: bool = False) -> Steps[Any]:
+        """One call, repeated on UNAVAILABLE with backoff when `idempotent` (safe to repeat): `retries` times, or
+        when `patient` (following a job) for as long as `outage_patience` seconds, so a waiting client rides out a
+        server or Redis outage."""
+        attempt, started = 0, time.monotonic()
         while True:
             try:
                 return (yield call)
             except Unavailable:
-                if not idempotent or attempt >= self._settings.retries:
+                within = time.monotonic() - started < self._settings.outage_patience
+                if not idempotent or (attempt >= self._settings.retries and not (patient and within)):
                     raise
             yield Sleep(backoff_delay(attempt))
             attempt += 1
@@ -192,9 +196,9 @@ class Core:
             if not token:
                 return
 
-    def get_job(self, job_id: str) -> Steps[JobStatus]:
+    def get_job(self, job_id: str, *, patient: bool = False) -> Steps[JobStatus]:
         request = optimization_pb2.GetJobRequest(job_id=job_id, view=optimization_pb2.JOB_VIEW_BASIC)
-        response = yield from self.unary(Call("optimization", "GetJob", request))
+        response = yield from self.unary(Call("optimization", "GetJob", request), patient=patient)
         return _convert.job_status(response.job)
 
     def get_job_spec(self, job_id: str) -> Steps[optimization_pb2.JobSpec]:
@@ -240,6 +244,7 @@ class Core:
         a silently dead connection is noticed. `deadline` (time.monotonic) bounds the whole watch."""
         results = result_type(kind)
         last, failures = after_event_id, 0
+        failing_since: float | None = None  # a broken stream is resumed for `outage_patience` seconds
         while True:
             window = self._settings.watch_window
             if deadline is not None:
@@ -256,13 +261,14 @@ class Core:
                     ended = "window"
                     break
                 except Unavailable:
-                    if failures >= self._settings.retries:
+                    failing_since = failing_since if failing_since is not None else time.monotonic()
+                    if time.monotonic() - failing_since >= self._settings.outage_patience:
                         raise
                     ended = "broken"
                     break
                 if message is None:
                     break
-                received, failures = True, 0
+                received, failures, failing_since = True, 0, None
                 last = message.event_id or last
                 event = _convert.job_event(message, result_type=results)
                 outcome = handle(event)
@@ -273,7 +279,7 @@ class Core:
                 continue  # resume after the last event at once
             # The stream ended without the final state change: either the connection broke (resume with backoff),
             # or the server has no more events to give (the job ended and its stream was trimmed or expired).
-            if ended == "finished" and not received and (yield from self.get_job(job_id)).state.terminal:
+            if ended == "finished" and not received and (yield from self.get_job(job_id, patient=True)).state.terminal:
                 return
             yield Sleep(backoff_delay(failures))
             failures += 1
@@ -290,7 +296,7 @@ class Core:
                 return False
 
             yield from self._follow(job_id, kind=kind, deadline=deadline, handle=show)
-        status = yield from self.get_job(job_id)
+        status = yield from self.get_job(job_id, patient=True)
         if status.state == JobState.CANCELLED:
             raise JobCancelled(status)
         if status.state != JobState.SUCCEEDED:

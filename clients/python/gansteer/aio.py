@@ -71,9 +71,11 @@ class AsyncClient:
         timeout: float = 60.0,
         retries: int = 5,
         watch_window: float = 60.0,
+        outage_patience: float = 120.0,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.timeout, self.retries, self.watch_window = timeout, retries, watch_window
+        self.outage_patience = outage_patience
         self.generation_target, self.scoring_target, self.target = resolve_targets(
             target, generation_target, scoring_target
         )

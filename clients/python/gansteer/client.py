@@ -58,7 +58,8 @@ class Client:
     `target` is the optimization service (`host:port`); `generation_target` and `scoring_target` default to the
     same address (a gateway serving all three) or, with the default target, to the local stack's ports 50051 and
     50052. `api_key` is sent as `authorization: Bearer <key>`. `timeout` is the deadline of each unary call in
-    seconds; `retries` is how many times an idempotent call is retried on UNAVAILABLE. Pass `credentials`
+    seconds; `retries` is how many times an idempotent call is retried on UNAVAILABLE, and `outage_patience` how many
+    seconds `wait()` and `watch()` keep retrying through an outage. Pass `credentials`
     (e.g. `grpc.ssl_channel_credentials()`) for TLS. Close it (or use it as a context manager) to free the
     channels.
     """
@@ -73,10 +74,13 @@ class Client:
         timeout: float = 60.0,
         retries: int = 5,
         watch_window: float = 60.0,
+        outage_patience: float = 120.0,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.timeout = timeout
         self.retries = retries
+        # How long a client following a job (wait, watch) rides out UNAVAILABLE (a server or Redis outage).
+        self.outage_patience = outage_patience
         # Each WatchJob connection lasts at most this long and is then resumed from the last event, so even the
         # stream of a long job has a deadline and a silently dead connection is noticed.
         self.watch_window = watch_window

@@ -38,6 +38,8 @@ from gansteer_server.jobs.records import (
 )
 from gansteer_server.proto import optimization_pb2 as opt
 
+#: Seconds before a segment's message that met its predecessor still holding the lease is tried again.
+HANDOVER_RETRY_S = 0.25
 #: Suffixes of the keys `RoundStore` keeps per job (round, interaction log, answer keys, raters).
 ROUND_KEYS = ("round", "interactions", "answer_keys", "raters")
 
@@ -291,7 +293,11 @@ class JobStore:
             now = redis_time(pipe)
             held = record.lease_owner and record.lease_owner != owner and record.lease_expiry > now
             if held and not is_dead(record.lease_owner):
-                return Claim(ClaimOutcome.HELD, record, retry_after_s=min(record.lease_expiry - now, lease_s / 3))
+                # The next segment's message is sent just before its predecessor releases the lease (`advance`):
+                # a worker that takes it in between tries again in a moment, not when the lease would lapse.
+                handover = segment == record.segment + 1
+                retry = HANDOVER_RETRY_S if handover else min(record.lease_expiry - now, lease_s / 3)
+                return Claim(ClaimOutcome.HELD, record, retry_after_s=retry)
             same_segment = segment == record.segment
             retried = same_segment and (data.get(b"retry_pending") == b"1" or record.lease_owner == owner)
             if retried:

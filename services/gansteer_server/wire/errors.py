@@ -7,6 +7,8 @@ translated here once (`translate`), so no caller repeats the mapping.
 from __future__ import annotations
 
 import grpc
+import redis
+from kombu.exceptions import OperationalError
 
 from gansteer_server.algorithms import scorers
 from gansteer_server.models import ModelNotFound, ModelRegistryError, ModelUnavailable
@@ -70,10 +72,18 @@ def translate(error: BaseException) -> ServiceError | None:
     if isinstance(error, ModelRegistryError):
         if error.field == "ref":  # a malformed reference is the client's text
             return invalid_argument("model", error.message, "BAD_MODEL_REF")
-        # A broken card or weight file on the server: the client cannot fix it, the operator can.
-        return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, str(error), "model", "BROKEN_MODEL")
+        # A broken card or weight file on the server: the client cannot fix it, the operator can (the server's logs
+        # name the path; the client is told the file's name only).
+        where = f" ({error.path.name})" if error.path is not None else ""
+        return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"{error.message}{where}", "model", "BROKEN_MODEL")
     if isinstance(error, ModelUnavailable):
         return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, error.message, "model", error.reason)
+    if isinstance(error, redis.RedisError):
+        message = "the job store (Redis) is unavailable; retry shortly"
+        return ServiceError(grpc.StatusCode.UNAVAILABLE, message, "", "STORE_UNAVAILABLE")
+    if isinstance(error, OperationalError):
+        message = "the job queue (the broker) is unavailable; retry shortly"
+        return ServiceError(grpc.StatusCode.UNAVAILABLE, message, "", "BROKER_UNAVAILABLE")
     if isinstance(error, scorers.UnknownOutputError):
         return not_found(error.field, error.message, "UNKNOWN_OUTPUT")
     if isinstance(error, scorers.ScorerInputError):
