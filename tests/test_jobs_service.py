@@ -34,6 +34,7 @@ from gansteer.v1 import common_pb2, optimization_pb2, optimization_pb2_grpc
 from gansteer_server.jobs.records import JobState
 from gansteer_server.jobs.worker import start_worker_thread
 from gansteer_server.servers.errors import error_details
+from gansteer_server.wire.errors import invalid_argument
 
 pytestmark = [pytest.mark.job, pytest.mark.service]
 S = optimization_pb2
@@ -302,3 +303,22 @@ def test_with_auth_on_callers_see_only_their_own_jobs(stack: JobStack) -> None:
     assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert health.status == health_pb2.HealthCheckResponse.SERVING  # no key needed for health checks
+
+
+def test_an_echoed_value_is_capped_in_the_status_and_its_details(stub: object) -> None:
+    """A huge job id is refused as INVALID_ARGUMENT (not RESOURCE_EXHAUSTED from the metadata limit), and the
+    status and the error trailer carry at most a few hundred characters of it, with its length."""
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.GetJob(S.GetJobRequest(job_id="a" * 9000), timeout=10)  # type: ignore[attr-defined]
+    error = caught.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == "job_id: a text of 9000 characters is not a job id (24 hex digits)"
+    (detail,) = error_details(error)
+    assert detail.field == "job_id" and detail.reason == "BAD_JOB_ID"
+
+
+def test_every_error_message_is_capped() -> None:
+    """The safety net under every echo: a ServiceError never carries more than a few hundred characters."""
+    error = invalid_argument("x" * 1000, "y" * 100_000)
+    assert len(error.message) < 600 and error.message.endswith("(100000 characters)")
+    assert len(error.field) < 300 and error.field.endswith("(1000 characters)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -126,4 +127,5 @@ def png_decode(data: bytes, *, field: str = "png", max_pixels: int | None = None
                 return np.asarray(image.convert("RGB"))
             raise ValueError(f"{field}: PNG mode {image.mode} is not supported; send 8-bit grey or colour")
     except (OSError, SyntaxError, PILImage.DecompressionBombError) as error:
-        raise ValueError(f"{field}: not a decodable PNG ({error})") from error
+        detail = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the data", str(error))  # no object reprs in messages
+        raise ValueError(f"{field}: not a decodable PNG ({detail})") from error

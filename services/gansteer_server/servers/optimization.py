@@ -68,7 +68,8 @@ class OptimizationServicer(optimization_pb2_grpc.OptimizationServiceServicer):
     def _record(self, job_id: str, context: grpc.ServicerContext) -> tuple[JobRecord, str]:
         """The caller's job and its newest event id; NOT_FOUND for unknown, expired or another caller's jobs."""
         if not _JOB_ID.fullmatch(job_id):
-            raise invalid_argument("job_id", f"{job_id!r} is not a job id", "BAD_JOB_ID")
+            shown = repr(job_id) if len(job_id) <= 64 else f"a text of {len(job_id)} characters"
+            raise invalid_argument("job_id", f"{shown} is not a job id (24 hex digits)", "BAD_JOB_ID")
         found = self.store.get_with_last_event([job_id])[0]
         if found is None or found[0].owner != self._owner(context):
             raise not_found("job_id", f"no job {job_id} (unknown, or its record expired)", "UNKNOWN_JOB")

@@ -26,14 +26,26 @@ _DEFAULT_REASONS = {
 }
 
 
+#: Longest message and field path an error carries; longer ones are cut, with their length said.
+MAX_MESSAGE_CHARS = 500
+MAX_FIELD_CHARS = 200
+
+
+def capped(text: str, limit: int) -> str:
+    """`text`, or its first `limit` characters and how long it was."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 class ServiceError(Exception):
     """A request the service refuses: the gRPC status code, a sentence for a person and the request field at
     fault (a path like `condition.class_ids.ids[3]`; empty when no one field is), plus a stable `reason` code."""
 
     def __init__(self, code: grpc.StatusCode, message: str, field: str = "", reason: str = "") -> None:
         self.code = code
-        self.message = message
-        self.field = field
+        # Messages and fields may echo request text: capped, so a huge value cannot swell a status, the error
+        # trailer past the metadata limit, or the logs.
+        self.message = capped(message, MAX_MESSAGE_CHARS)
+        self.field = capped(field, MAX_FIELD_CHARS)
         self.reason = reason or _DEFAULT_REASONS.get(code, code.name)
         super().__init__(self.status_message)
 
