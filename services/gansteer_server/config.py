@@ -185,6 +185,9 @@ class Settings:
     job_max_deliveries: int = _setting(
         "3", _int_in(1), "Deliveries of one segment before the job fails (a task that kills its worker each time)."
     )
+    job_sweep_interval_s: int = _setting(
+        "60", _int_in(0), "Seconds between sweeps for jobs no task carries (the optimization service); 0: never."
+    )
     job_round_expiry_s: int = _setting(
         "86400", _int_in(1), "Seconds a round waits for feedback before its job ends with its best result so far."
     )

@@ -47,6 +47,8 @@ class JobSettings:
     # Event streams keep at most this many events (XADD MAXLEN ~); progress events at most one per interval.
     events_maxlen: int = 10_000
     progress_interval_s: float = 0.25
+    # The optimization service looks for jobs no task carries this often (0: never); see `jobs/sweeper.py`.
+    sweep_interval_s: float = 60.0
     # How long a round waits for feedback when its kind sets no expiry (a person may answer the next day).
     round_expiry_s: float = 24 * 3600.0
     # Feature extractor of criteria when a spec names none (the built-in classifier's features).
@@ -73,6 +75,7 @@ class JobSettings:
             "segment_seconds": float(settings.job_segment_seconds),
             "max_deliveries": settings.job_max_deliveries,
             "round_expiry_s": float(settings.job_round_expiry_s),
+            "sweep_interval_s": float(settings.job_sweep_interval_s),
             "visibility_timeout_s": float(settings.broker_visibility_timeout_s),
         }
         return cls(settings=settings, **(from_environment | overrides))

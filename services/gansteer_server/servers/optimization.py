@@ -31,6 +31,7 @@ from gansteer_server.jobs.records import JobRecord, JobState
 from gansteer_server.jobs.round_store import AnswerOutcome, RoundStore
 from gansteer_server.jobs.rounds import check_answer, interaction, pseudonym
 from gansteer_server.jobs.settings import JobSettings
+from gansteer_server.jobs.sweeper import Sweeper
 from gansteer_server.models import ModelRegistry
 from gansteer_server.models.store import ModelStore
 from gansteer_server.proto import common_pb2, optimization_pb2_grpc
@@ -321,8 +322,12 @@ class RunningOptimizationService:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
+    sweeper: Sweeper | None = None
+
     def stop(self, grace: float | None = DEFAULT_GRACE_S) -> None:
         self.health.enter_graceful_shutdown()
+        if self.sweeper is not None:
+            self.sweeper.stop()
         self.server.stop(grace).wait()
         self.metrics.close()
 
@@ -353,4 +358,8 @@ def start_optimization_server(
         job_settings.broker.split("@")[-1],
         extra={"service": "optimization", "port": bound, "metrics_port": bound_metrics},
     )
-    return RunningOptimizationService(server, bound, host, jobs, metrics, bound_metrics, health_servicer)
+    sweeper = None
+    if job_settings.sweep_interval_s > 0:
+        sweeper = Sweeper(jobs.store, job_settings, jobs.enqueue, job_settings.sweep_interval_s)
+        sweeper.start()
+    return RunningOptimizationService(server, bound, host, jobs, metrics, bound_metrics, health_servicer, sweeper)
