@@ -176,3 +176,54 @@ def test_ctrl_c_cancels_the_submitted_job(up: dict[str, Any], tmp_path: Path) ->
     assert time.monotonic() - started < 30
     again = gansteer(*up["args"], "jobs", "cancel", job_id, "--json")  # a finished job: nothing changes
     assert again.returncode == 0 and json.loads(again.stdout)["state"] == "cancelled"
+
+
+def test_search_with_each_of_the_seeds_optimizers_and_basincma_inversion(up: dict[str, Any], tmp_path: Path) -> None:
+    budgets = {"adam": "12", "cmaes": "60", "ga": "64"}
+    for optimizer, budget in budgets.items():
+        out = tmp_path / optimizer
+        searched = gansteer(
+            *up["args"],
+            "search",
+            "--class",
+            "mountains",
+            "--class",
+            "3",
+            "--optimizer",
+            optimizer,
+            *(["--option", "sigma=0.7"] if optimizer == "cmaes" else []),
+            "--budget",
+            budget,
+            "--perturbations",
+            "20",
+            "--out",
+            str(out),
+            "--json",
+        )
+        assert searched.returncode == 0, searched.stderr
+        document = json.loads(searched.stdout)
+        assert [item["class_id"] for item in document["items"]] == [0, 3]
+        assert {"objective", "robustness", "judge_prob", "realism"} <= set(document["items"][0])
+        assert document["metrics"]["generator_calls"] <= int(budget) and (out / "grid.png").is_file()
+
+    refused = gansteer(*up["args"], "search", "--class", "0", "--optimizer", "cmaes", "--option", "sigma=0", "--json")
+    assert refused.returncode == 3
+    assert json.loads(refused.stdout)["error"]["details"][0]["field"] == "spec.latent_search.optimizer.options.sigma"
+    assert gansteer(*up["args"], "search", "--class", "12").returncode == 3
+
+    target = tmp_path / "target.png"
+    Image.new("RGB", (32, 32), "teal").save(target)
+    basin = gansteer(
+        *up["args"],
+        "invert",
+        str(target),
+        "--optimizer",
+        "basincma",
+        "--budget",
+        "320",
+        "--budget-unit",
+        "generator_calls",
+        "--json",
+    )
+    assert basin.returncode == 0, basin.stderr
+    assert json.loads(basin.stdout)["metrics"]["generator_calls"] == 320  # 2 steps of 8 candidates x 20 Adam steps

@@ -94,7 +94,7 @@ def test_each_optimizer_improves_a_known_toy_objective(name: str) -> None:
 
 
 def test_basincma_counts_every_adam_step_as_generator_calls() -> None:
-    options = {"refine_steps": 5, "refine_lr": 0.1}
+    options = {"refine_steps": 5, "refine_lr": 0.1, "final_fraction": 0.0}
     run = SearchRun(
         LatentSpace(8, 3),
         Sphere(),
@@ -110,6 +110,26 @@ def test_basincma_counts_every_adam_step_as_generator_calls() -> None:
     while not run.done:
         run.step()
     assert run.steps == 5 and run.generator_calls == 100
+
+
+def test_basincma_ends_with_adam_from_its_best_points_within_the_budget() -> None:
+    run = SearchRun(
+        LatentSpace(8, 3),
+        Sphere(),
+        optimizer="basincma",
+        budget=Budget(100, "generator_calls"),
+        population=4,
+        seed=0,
+        options={"refine_steps": 5, "final_fraction": 0.5},
+    )
+    while run.generator_calls < 60:  # three BasinCMA steps of 20 calls: the third starts below half the budget
+        run.step()
+    assert run.steps == 3 and run._final is None
+    before = run.best_values.clone()
+    while not run.done:
+        run.step()
+    assert run.steps == 3 + 40 and run.generator_calls == 100  # then one call per Adam step
+    assert (run.best_values >= before).all()
 
 
 @pytest.mark.parametrize(
@@ -164,12 +184,13 @@ def _toy_models() -> LatentSearchModels:
     )
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "cmaes", "ga"])
-def test_a_resumed_latent_search_ends_where_an_uninterrupted_one_does(optimizer: str) -> None:
+@pytest.mark.parametrize(("optimizer", "checkpoint_at"), [("adam", 3), ("cmaes", 3), ("ga", 3), ("basincma", 9)])
+def test_a_resumed_latent_search_ends_where_an_uninterrupted_one_does(optimizer: str, checkpoint_at: int) -> None:
     config = LatentSearchConfig(
         optimizer=optimizer,
+        options=(("refine_steps", 3),) if optimizer == "basincma" else (),
         budget=90,
-        population=1 if optimizer == "adam" else 6,
+        population={"adam": 1, "basincma": 4}.get(optimizer, 6),
         restarts=2,
         class_mode="conditioned",
         class_ids=(0, 2),
@@ -180,7 +201,7 @@ def test_a_resumed_latent_search_ends_where_an_uninterrupted_one_does(optimizer:
     while not whole.done:
         whole.step()
     part = LatentSearchRun(config, _toy_models())
-    for _ in range(3):
+    for _ in range(checkpoint_at):  # basincma: past its BasinCMA steps, into the final Adam phase
         part.step()
     resumed = LatentSearchRun(config, _toy_models())
     resumed.load_state_dict(part.state_dict())

@@ -38,7 +38,14 @@ from gansteer.errors import (
     Unimplemented,
 )
 from gansteer.job import Job
-from gansteer.kinds import EvolutionOptions, EvolutionResult, InversionOptions, InversionResult
+from gansteer.kinds import (
+    EvolutionOptions,
+    EvolutionResult,
+    InversionOptions,
+    InversionResult,
+    LatentSearchOptions,
+    LatentSearchResult,
+)
 from gansteer.types import (
     Answer,
     AnswerKind,
@@ -109,6 +116,8 @@ __all__ = [
     "JobResult",
     "JobState",
     "JobStatus",
+    "LatentSearchOptions",
+    "LatentSearchResult",
     "ModelInfo",
     "NotFound",
     "OptimizerInfo",

@@ -35,6 +35,7 @@ from gansteer.errors import (
 from gansteer.kinds import result_type
 from gansteer.kinds.evolution import EVOLUTION, EvolutionOptions, evolution_spec
 from gansteer.kinds.inversion import INVERSION, InversionOptions, inversion_spec
+from gansteer.kinds.latent_search import LATENT_SEARCH, LatentSearchOptions, latent_search_spec
 from gansteer.types import (
     Answer,
     FeedbackResult,
@@ -163,6 +164,12 @@ class Core:
         named_class = isinstance(options.get("conditioned_class"), str)
         card = (yield from self.model(model)) if named_class else None
         return (yield from self.submit(evolution_spec(model=model, card=card, **options)))
+
+    def latent_search(self, *, model: str, options: LatentSearchOptions) -> Steps[tuple[str, str]]:
+        LATENT_SEARCH.check(options)
+        named_class = _specs.needs_card(list(options.get("classes", ())))
+        card = (yield from self.model(model)) if named_class else None
+        return (yield from self.submit(latent_search_spec(model=model, card=card, **options)))
 
     def submit(self, spec: optimization_pb2.JobSpec) -> Steps[tuple[str, str]]:
         """(job id, kind). Repeated on UNAVAILABLE only with an idempotency key, since only then is a repeat

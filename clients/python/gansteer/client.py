@@ -24,7 +24,7 @@ from gansteer._steps import Await, Call, Emit, Feed, Service, Sleep, Steps, Stre
 from gansteer._transport import CHANNEL_OPTIONS, DEFAULT_TARGET, auth_metadata, resolve_targets
 from gansteer.errors import GansteerError, from_rpc_error
 from gansteer.job import Job
-from gansteer.kinds import EvolutionOptions, InversionOptions
+from gansteer.kinds import EvolutionOptions, InversionOptions, LatentSearchOptions
 from gansteer.types import (
     Answer,
     ChoiceAction,
@@ -265,6 +265,20 @@ class Client:
         `gansteer.simulate.SimulatedPerson`). Returns at once with the job.
         """
         job_id, kind = self._run(self._core.evolve(model=model, options=options))
+        return Job(self, job_id, kind=kind)
+
+    def latent_search(self, *, model: str, **options: Unpack[LatentSearchOptions]) -> Job:
+        """Submits a latent search (seed 002) on generator `model`: find latents whose images maximise a scorer's
+        output, e.g. `classes=["mountains"]` for the most mountain-like images by the classifier's logit.
+
+        `options` (see `LatentSearchOptions`): `classes` (ids or names), `objective` (output names or
+        {"output", "params", "weight", "model"} terms; default `class_logit`), `optimizer` (`adam` gradient ascent,
+        `cmaes`, `ga`, or any of `optimizers()`), `optimizer_options` ({"sigma": 0.5}, {"mutation": 0.01}),
+        `budget` (600 generator calls per search unless given), `restarts`, `judge`, `prior_weight`, ... Each result
+        item carries its objective, robustness (p10 over 200 perturbations), the judge's probability and realism.
+        Returns at once with the job.
+        """
+        job_id, kind = self._run(self._core.latent_search(model=model, options=options))
         return Job(self, job_id, kind=kind)
 
     def submit(self, spec: optimization_pb2.JobSpec) -> Job:

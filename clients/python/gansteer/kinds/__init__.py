@@ -12,9 +12,15 @@ from collections.abc import Mapping
 from gansteer.kinds._common import Kind
 from gansteer.kinds.evolution import EVOLUTION, EvolutionOptions, EvolutionResult, evolution_spec
 from gansteer.kinds.inversion import INVERSION, InversionOptions, InversionResult, inversion_spec
+from gansteer.kinds.latent_search import (
+    LATENT_SEARCH,
+    LatentSearchOptions,
+    LatentSearchResult,
+    latent_search_spec,
+)
 from gansteer.types import JobResult
 
-KINDS: Mapping[str, Kind] = {kind.name: kind for kind in (INVERSION, EVOLUTION)}
+KINDS: Mapping[str, Kind] = {kind.name: kind for kind in (INVERSION, EVOLUTION, LATENT_SEARCH)}
 
 
 def result_type(kind: str) -> type[JobResult]:
@@ -29,7 +35,10 @@ __all__ = [
     "InversionOptions",
     "InversionResult",
     "Kind",
+    "LatentSearchOptions",
+    "LatentSearchResult",
     "evolution_spec",
     "inversion_spec",
+    "latent_search_spec",
     "result_type",
 ]

@@ -202,10 +202,12 @@ class CMAES(_Replayed):
 class HybridOptimizer(_Replayed):
     """Gradient-free proposals refined by gradient steps before they are told: the search run refines every
     candidate with `refine_steps` Adam steps at `refine_lr` (one generator call per candidate each) and tells the
-    optimizer each candidate's best value along its refinement."""
+    optimizer each candidate's best value along its refinement. The last `final_fraction` of the budget goes to
+    plain Adam from each search's best point, on the run's schedule."""
 
     refine_steps: int
     refine_lr: float
+    final_fraction: float
 
 
 @register_optimizer("basincma")
@@ -219,10 +221,13 @@ class BasinCMA(HybridOptimizer, CMAES):
         "sigma": (0.5, _positive),
         "refine_steps": (20, _int_range(1, 1000)),
         "refine_lr": (0.1, _positive),
+        "final_fraction": (0.5, _closed_unit),
     }
 
-    def __init__(self, *, refine_steps: int = 20, refine_lr: float = 0.1, **kwargs: Any) -> None:
-        self.refine_steps, self.refine_lr = refine_steps, refine_lr
+    def __init__(
+        self, *, refine_steps: int = 20, refine_lr: float = 0.1, final_fraction: float = 0.5, **kwargs: Any
+    ) -> None:
+        self.refine_steps, self.refine_lr, self.final_fraction = refine_steps, refine_lr, final_fraction
         super().__init__(**kwargs)
 
 

@@ -107,6 +107,7 @@ class SearchRun:
             )
         self._steps = self._generator_calls = self._decays = 0
         self._exhausted = False
+        self._final: GradientOptimizer | None = None  # a hybrid's closing Adam phase, once it has begun
         self._best_losses = torch.full((space.searches,), float("inf"))
         self._best_variables = _detached(start)
         self._best_terms = {name: torch.full((space.searches,), float("nan")) for name in objective.term_names}
@@ -120,7 +121,33 @@ class SearchRun:
 
     @property
     def done(self) -> bool:
-        return self._exhausted or not self.budget.allows(self._steps, self._generator_calls, self.step_cost)
+        return self._exhausted or not self.budget.allows(self._steps, self._generator_calls, self._next_cost())
+
+    def _next_cost(self) -> int:
+        """Generator calls per group of the next step (a hybrid's final phase: one Adam step's)."""
+        return self.restarts if self._final is not None or self._final_phase_due() else self.step_cost
+
+    def _final_phase_due(self) -> bool:
+        """A hybrid with a `final_fraction` spends the last part of its budget on Adam from its best points
+        (pix2latent: "then ~300 final steps"): from that fraction on, or once a whole hybrid step no longer fits."""
+        optimizer = self.optimizer
+        if not isinstance(optimizer, HybridOptimizer) or optimizer.final_fraction <= 0 or self._final is not None:
+            return False
+        used = self.budget.used(self._steps, self._generator_calls)
+        fits = self.budget.allows(self._steps, self._generator_calls, self.step_cost)
+        return used >= (1 - optimizer.final_fraction) * self.budget.amount or not fits
+
+    def _start_final(self, values: Variables) -> GradientOptimizer:
+        """Adam over a copy of `values`, at the schedule's step size for the decays due now."""
+        assert isinstance(values, Tensor)
+        variables = values.detach().clone().requires_grad_(True)
+        used = self.budget.used(self._steps, self._generator_calls)
+        self._decays = self.schedule.decays_due(used, self.budget.amount)
+        lr = self.schedule.learning_rate_after(self._decays)
+        final = OPTIMIZERS["adam"](variables, lr=lr)  # type: ignore[call-arg]
+        assert isinstance(final, GradientOptimizer)
+        self._final = final
+        return final
 
     @property
     def steps(self) -> int:
@@ -137,6 +164,8 @@ class SearchRun:
     @property
     def variables(self) -> Variables:
         """The current variables of a gradient optimizer, the best points of a gradient-free one."""
+        if self._final is not None:
+            return self._final.variables
         return self.optimizer.variables if isinstance(self.optimizer, GradientOptimizer) else self._best_variables
 
     @property
@@ -169,7 +198,11 @@ class SearchRun:
     def step(self) -> SearchReport:
         if self.done:
             raise RuntimeError("the run is done")
-        if isinstance(self.optimizer, GradientOptimizer):
+        if self._final_phase_due():
+            self._start_final(self._best_variables)
+        if self._final is not None:
+            self._gradient_step(self._final)
+        elif isinstance(self.optimizer, GradientOptimizer):
             self._gradient_step(self.optimizer)
         elif isinstance(self.optimizer, HybridOptimizer):
             self._hybrid_step(self.optimizer)
@@ -212,7 +245,7 @@ class SearchRun:
         index = torch.arange(self.space.searches)
 
         def closure() -> Tensor:
-            if not self.budget.allows(self._steps, self._generator_calls, self.step_cost):
+            if not self.budget.allows(self._steps, self._generator_calls, self._next_cost()):
                 raise _BudgetExhausted
             optimizer.zero_grad()
             losses, evaluation = self._evaluate(optimizer.variables, index)  # re-evaluates at the current point
@@ -290,6 +323,7 @@ class SearchRun:
                 "exhausted": self._exhausted,
                 "variables": _detached(self.variables),
                 "optimizer": self.optimizer.state_dict(),
+                "final": {} if self._final is None else {"optimizer": self._final.state_dict()},
                 "best_losses": self._best_losses,
                 "best_variables": self._best_variables,
                 "best_terms": dict(self._best_terms),
@@ -312,3 +346,9 @@ class SearchRun:
         if isinstance(self.optimizer, GradientOptimizer):
             _copy_into(self.optimizer.variables, state["variables"])
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        self._final = None
+        if state.get("final"):
+            decays = self._decays
+            final = self._start_final(state["variables"])
+            self._decays = decays
+            final.load_state_dict(copy.deepcopy(state["final"]["optimizer"]))
