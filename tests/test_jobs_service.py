@@ -33,8 +33,11 @@ from gansteer.tensors import from_tensor_proto, png_decode
 from gansteer.v1 import common_pb2, optimization_pb2, optimization_pb2_grpc
 from gansteer_server.jobs.records import JobState
 from gansteer_server.jobs.worker import start_worker_thread
+from gansteer_server.models import ModelRegistry
+from gansteer_server.models.store import ModelStore
 from gansteer_server.servers.errors import error_details
-from gansteer_server.wire.errors import invalid_argument
+from gansteer_server.servers.optimization import OptimizationServicer
+from gansteer_server.wire.errors import ServiceError, invalid_argument
 
 pytestmark = [pytest.mark.job, pytest.mark.service]
 S = optimization_pb2
@@ -322,3 +325,33 @@ def test_every_error_message_is_capped() -> None:
     error = invalid_argument("x" * 1000, "y" * 100_000)
     assert len(error.message) < 600 and error.message.endswith("(100000 characters)")
     assert len(error.field) < 300 and error.field.endswith("(1000 characters)")
+
+
+def test_an_idempotency_key_reused_with_another_spec_is_refused(stub: object) -> None:
+    first = inversion_spec(budget=2, idempotency_key="one-key")
+    stub.SubmitJob(S.SubmitJobRequest(spec=first), timeout=30)  # type: ignore[attr-defined]
+    other = inversion_spec(budget=3, idempotency_key="one-key")
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.SubmitJob(S.SubmitJobRequest(spec=other), timeout=30)  # type: ignore[attr-defined]
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert caught.value.details().startswith("spec.idempotency_key:")
+
+
+class _ExpiredCall:
+    """The servicer's view of a call whose client's deadline passed while the spec was being checked."""
+
+    def time_remaining(self) -> float:
+        return -0.5
+
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+
+def test_a_submission_past_its_deadline_creates_no_job(stack: JobStack, stub: object) -> None:
+    jobs = stack.servers[0].jobs
+    servicer = OptimizationServicer(jobs, ModelStore(ModelRegistry([stack.registry_root])))
+    before = jobs.store.list_ids(None, limit=1000)
+    with pytest.raises(ServiceError) as caught:
+        servicer.SubmitJob(S.SubmitJobRequest(spec=inversion_spec(budget=2)), _ExpiredCall())  # type: ignore[arg-type]
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert jobs.store.list_ids(None, limit=1000) == before

@@ -99,6 +99,7 @@ class OptimizationServicer(optimization_pb2_grpc.OptimizationServiceServicer):
                 raise invalid_argument("spec.idempotency_key", "at most 256 characters")
             earlier = self.store.find_idempotent(owner, spec.idempotency_key)
             if earlier is not None:
+                self._same_spec(earlier, spec)
                 return opt.SubmitJobResponse(job_id=earlier.id, existing=True, job=earlier.to_proto())
         kind_name = spec.WhichOneof("kind")
         if kind_name is None:
@@ -126,11 +127,16 @@ class OptimizationServicer(optimization_pb2_grpc.OptimizationServiceServicer):
                 raise invalid_argument(f"spec.labels[{key!r}]", message)
         kind = get_kind(kind_name)
         parsed = kind.parse(getattr(spec, kind_name), self.context)
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:  # the client gave up while the spec was checked: create nothing
+            raise ServiceError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed before the job was created", "", ""
+            )
         record, existing = self.jobs.submit(
             kind,
             parsed,
             owner=owner,
-            spec_proto=spec.SerializeToString(),
+            spec_proto=spec.SerializeToString(deterministic=True),
             priority=spec.priority,
             time_limit_s=spec.time_limit_s,
             preview_every=spec.preview_every,
@@ -149,6 +155,17 @@ class OptimizationServicer(optimization_pb2_grpc.OptimizationServiceServicer):
         if closed is not None:
             self.jobs.enqueue(closed, closed.segment)
         return closed is not None
+
+    def _same_spec(self, earlier: JobRecord, spec: opt.JobSpec) -> None:
+        """An idempotency key names one spec: a resubmission with another spec is a client bug, not a retry."""
+        stored = self.store.spec(earlier.id)
+        if stored is not None and stored[0] and stored[0] != spec.SerializeToString(deterministic=True):
+            raise ServiceError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"job {earlier.id} was submitted with this key and another spec; use a new key for a new job",
+                "spec.idempotency_key",
+                "IDEMPOTENCY_KEY_REUSED",
+            )
 
     def GetJob(self, request: opt.GetJobRequest, context: grpc.ServicerContext) -> opt.GetJobResponse:
         record, last_event = self._record(request.job_id, context)
