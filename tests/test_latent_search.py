@@ -27,6 +27,7 @@ from gansteer_server.algorithms.search import (
     SearchRun,
     StepSchedule,
     optimizer_options,
+    planned_steps,
 )
 from gansteer_server.algorithms.search.evolution import decode, encode
 
@@ -90,6 +91,7 @@ def test_each_optimizer_improves_a_known_toy_objective(name: str) -> None:
     while not run.done:
         last = run.step().best_value
     assert run.generator_calls <= 600
+    assert run.steps == planned_steps(name, {}, Budget(600, "generator_calls"), population, 1)
     assert (last > first).all() and (last > -2.0).all(), (name, first, last)  # start: about -8 (8 dims of ~1)
 
 
@@ -129,6 +131,7 @@ def test_basincma_ends_with_adam_from_its_best_points_within_the_budget() -> Non
     while not run.done:
         run.step()
     assert run.steps == 3 + 40 and run.generator_calls == 100  # then one call per Adam step
+    assert planned_steps("basincma", {"refine_steps": 5}, Budget(100, "generator_calls"), 4, 1) == 43
     assert (run.best_values >= before).all()
 
 

@@ -8,6 +8,7 @@ from gansteer_server.algorithms.search.evolution import (
     OptionError,
     calls_per_candidate,
     optimizer_options,
+    planned_steps,
     population_floor,
 )
 from gansteer_server.algorithms.search.objective import Evaluation, Objective
@@ -65,6 +66,7 @@ __all__ = [
     "is_gradient_optimizer",
     "optimizer_catalog",
     "optimizer_options",
+    "planned_steps",
     "population_floor",
     "register_optimizer",
 ]

@@ -28,7 +28,13 @@ import torch
 from deap import base, tools
 from torch import Tensor
 
-from gansteer_server.algorithms.search.optimizers import OPTIMIZERS, PopulationOptimizer, register_optimizer
+from gansteer_server.algorithms.search.budget import Budget
+from gansteer_server.algorithms.search.optimizers import (
+    OPTIMIZERS,
+    GradientOptimizer,
+    PopulationOptimizer,
+    register_optimizer,
+)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # pycma warns that it cannot plot without matplotlib
@@ -98,6 +104,24 @@ def calls_per_candidate(name: str, options: Mapping[str, Any]) -> int:
     if isinstance(cls, type) and issubclass(cls, HybridOptimizer):
         return int(options.get("refine_steps", cls.options["refine_steps"][0]))
     return 1
+
+
+def planned_steps(name: str, options: Mapping[str, Any], budget: Budget, population: int, restarts: int) -> int:
+    """The steps a search run will take (for progress bars), following its budget rules: a hybrid takes whole
+    hybrid steps until its final fraction, then one Adam step per generator call of each search."""
+    if budget.unit == "iterations":
+        return budget.amount
+    cls = OPTIMIZERS[name]
+    if issubclass(cls, GradientOptimizer):
+        return budget.amount // restarts
+    cost = restarts * population * calls_per_candidate(name, options)
+    if not issubclass(cls, HybridOptimizer):
+        return budget.amount // cost
+    final = float(options.get("final_fraction", cls.options["final_fraction"][0]))
+    used = steps = 0
+    while used + cost <= budget.amount and not (final > 0 and used >= (1 - final) * budget.amount):
+        used, steps = used + cost, steps + 1
+    return steps + ((budget.amount - used) // restarts if final > 0 else 0)
 
 
 class _Replayed(PopulationOptimizer):

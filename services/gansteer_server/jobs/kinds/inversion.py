@@ -26,7 +26,7 @@ from gansteer_server.algorithms.inversion import (
     InversionRun,
 )
 from gansteer_server.algorithms.inversion.criteria import resize
-from gansteer_server.algorithms.search import is_gradient_optimizer
+from gansteer_server.algorithms.search import Budget, calls_per_candidate, is_gradient_optimizer, planned_steps
 from gansteer_server.jobs.backends import ModelBackend
 from gansteer_server.jobs.kinds import JobKind, JobRun, StepProgress, SubmitContext, register_kind
 from gansteer_server.jobs.settings import JobSettings
@@ -194,7 +194,7 @@ class InversionJob(JobKind):
                 f"{limits.max_step_batch}",
                 "BATCH_TOO_LARGE",
             )
-        step_cost = restarts * (1 if config.gradient else config.population)
+        step_cost = restarts * (1 if config.gradient else config.population * calls_per_candidate(optimizer, {}))
         if config.budget_unit == "generator_calls" and budget < step_cost:
             raise invalid_argument(
                 f"{FIELD}.budget.amount", f"{budget} generator calls is less than one step costs ({step_cost})"
@@ -203,9 +203,8 @@ class InversionJob(JobKind):
 
     def total_steps(self, spec: InversionJobSpec) -> int:
         config = spec.config
-        if config.budget_unit == "iterations":
-            return config.budget
-        return config.budget // (config.restarts * (1 if config.gradient else config.population))
+        budget = Budget(config.budget, config.budget_unit)
+        return planned_steps(config.optimizer, {}, budget, config.population, config.restarts)
 
     def start(self, spec: InversionJobSpec, backend: ModelBackend, settings: JobSettings) -> JobRun:
         generator = backend.generator(spec.generator)

@@ -27,10 +27,12 @@ from gansteer_server.algorithms.latent_search import (
 )
 from gansteer_server.algorithms.search import (
     OPTIMIZERS,
+    Budget,
     OptionError,
     calls_per_candidate,
     is_gradient_optimizer,
     optimizer_options,
+    planned_steps,
     population_floor,
 )
 from gansteer_server.jobs.backends import ModelBackend
@@ -321,11 +323,8 @@ class LatentSearchJob(JobKind):
 
     def total_steps(self, spec: LatentSearchJobSpec) -> int:
         config = spec.config
-        if config.budget_unit == "iterations":
-            return config.budget
-        gradient = is_gradient_optimizer(config.optimizer)
-        cost = 1 if gradient else config.population * calls_per_candidate(config.optimizer, dict(config.options))
-        return config.budget // cost
+        budget = Budget(config.budget, config.budget_unit)
+        return planned_steps(config.optimizer, dict(config.options), budget, config.population, 1)
 
     def start(self, spec: LatentSearchJobSpec, backend: ModelBackend, settings: JobSettings) -> JobRun:
         generator = backend.generator(spec.generator)
