@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: setup demo test lint format protos zoo zoo-eval up generation scoring optimization worker clean
+.PHONY: setup browser demo test lint format protos zoo zoo-eval up generation scoring optimization worker web clean
 
 $(INSTALLED): services/pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,12 @@ setup: $(INSTALLED)
 demo: setup
 	$(BIN)/python -m gansteer_server.demo --out out/demo
 
-test: setup lint
+# The rounds page's browser test (tests/test_web_rounds.py) drives Debian's chromium through its chromedriver.
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update && apt-get install -y chromium chromium-driver)
+
+test: setup lint browser
 	$(BIN)/python protos/generate.py --check
 	$(BIN)/pytest
 
@@ -60,6 +65,9 @@ optimization: setup
 
 worker: setup
 	$(BIN)/gansteer-worker
+
+web: setup
+	$(BIN)/gansteer-web
 
 clean:
 	rm -rf $(VENV) out var

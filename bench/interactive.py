@@ -4,9 +4,10 @@ latency of a round, and what a waiting job holds.
     python bench/interactive.py            # full run: 30 targets, 8 jobs at a time (about 10 minutes on 2 cores)
     python bench/interactive.py --quick    # smoke run: 4 targets, 4 at a time
 
-Writes `bench/results/interactive.json` (`--quick`: `interactive_quick.json`). The stack is a deployment's: a private
-`redis-server`, the three services in this process (gRPC on loopback), and a `gansteer-worker` subprocess (prefork,
-two children, one torch thread each) that runs every segment; the simulated persons answer through the SDK
+Writes `bench/results/interactive.json` (`--quick`: `interactive_quick.json`). The stack is a deployment's, one
+process each: a private `redis-server`, `gansteer-generation`, `gansteer-scoring`, `gansteer-optimization` (gRPC on
+loopback, one torch thread each) and a `gansteer-worker` (prefork, two children, one torch thread each) that runs every
+segment. The simulated persons, one process each as people are on their own machines, answer through the SDK
 (`gansteer.simulate.SimulatedPerson`, `Job.answer_rounds` -> SubmitFeedback), rendering each round with the
 generation service and perceiving it with the scoring service. How each figure is made:
 
@@ -20,9 +21,12 @@ generation service and perceiving it with the scoring service. How each figure i
   "judged the same way"). Ties count half. Also reported, not a bar: the same comparison judged by `scenes-judge`'s
   features, a network the person never used (NOTES: judge with what the loop did not optimise), and a 95% Wilson
   interval.
-- round_latency_p95_ms: from the moment the person's answer is handed to the SDK (SubmitFeedback) to the moment the
+- round_latency_p95_ms: from the moment a person's answer is handed to the SDK (SubmitFeedback) to the moment the
   next round's 28 images are rendered on the client (the answer's RPC, Celery on Redis, the worker's segment, the
-  event stream, one Generate call), over every round of the win-rate run, which keeps 8 evolution jobs open at once.
+  event stream, one Generate call), with 8 evolution jobs open at once, each answered by a person at a UI (a process
+  that renders each round, thinks 0.5 to 2 s, and picks at random), 8 rounds each. The same measure taken during the
+  win-rate run is reported too: there the simulated persons' perception (two Score calls per round) loads the same
+  two cores, which people looking at a screen do not.
 - workers_busy_while_waiting: 8 jobs submitted and left waiting at their first round; once all 8 are
   WAITING_FOR_FEEDBACK, the worker's active and reserved tasks (Celery inspect) plus the messages on the queues and
   unacknowledged in Redis. Must be 0: a job that waits for a person holds no worker.
@@ -34,6 +38,7 @@ import argparse
 import io
 import json
 import math
+import multiprocessing
 import os
 import platform
 import statistics
@@ -41,7 +46,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -50,18 +56,21 @@ import numpy as np
 import redis
 from PIL import Image
 
-from gansteer import Client, JobState
+from gansteer import Client, GansteerError, JobState
 from gansteer.simulate import SimulatedPerson, Target
 from gansteer.types import Answer, Round
+from gansteer_server.config import Settings
 from gansteer_server.data.scenes import render_scenes
-from gansteer_server.embedded import start_redis_server, start_stack
+from gansteer_server.embedded import RedisServer, free_port, start_redis_server
 from gansteer_server.jobs.celery_app import Jobs
+from gansteer_server.jobs.settings import JobSettings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "scenes-gen"
 TARGET_SEED = 7_700  # render_scenes seeds used elsewhere: 100, 101 (GAN), 200, 300 (classifiers), 400, 500, 900
 ROUNDS, SHOWN = 6, 28
 NOISE = 0.05
+LATENCY_ROUNDS, THINK_S = 8, (0.5, 2.0)  # a person thinks ~30 s a round in the seed's study; shorter stresses more
 
 
 class TimedPerson(SimulatedPerson):
@@ -87,22 +96,89 @@ def png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def start_worker(redis_url: str, generation: str, scoring: str, log: Path) -> subprocess.Popen[bytes]:
+@dataclass
+class Deployment:
+    """The services and the worker, one process each, on a private redis-server."""
+
+    redis_server: RedisServer
+    ports: dict[str, int]
+    processes: list[subprocess.Popen[bytes]]
+    logs: Path
+
+    @property
+    def targets(self) -> dict[str, str]:
+        return {name: f"127.0.0.1:{port}" for name, port in self.ports.items()}
+
+    def client(self) -> Client:
+        targets = self.targets
+        return Client(
+            targets["optimization"],
+            generation_target=targets["generation"],
+            scoring_target=targets["scoring"],
+            timeout=120,
+        )
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        self.redis_server.stop()
+
+
+def deploy() -> Deployment:
+    redis_server = start_redis_server()
+    ports = {name: free_port() for name in ("generation", "scoring", "optimization")}
+    logs = Path(tempfile.mkdtemp(prefix="gansteer-bench-interactive-"))
     env = {
         **os.environ,
-        "GANSTEER_REDIS_URL": redis_url,
-        "GANSTEER_GENERATION_ADDRESS": generation,
-        "GANSTEER_SCORING_ADDRESS": scoring,
+        "GANSTEER_REDIS_URL": redis_server.url,
+        "GANSTEER_HOST": "127.0.0.1",
         "GANSTEER_TORCH_THREADS": "1",
         "GANSTEER_LOG_LEVEL": "WARNING",
         "OMP_NUM_THREADS": "1",
+        **{f"GANSTEER_{name.upper()}_PORT": str(port) for name, port in ports.items()},
+        **{f"GANSTEER_{name.upper()}_ADDRESS": f"127.0.0.1:{ports[name]}" for name in ("generation", "scoring")},
+        **{f"GANSTEER_{name}_METRICS_PORT": "0" for name in ("GENERATION", "SCORING", "OPTIMIZATION", "WORKER")},
     }
-    command = [sys.executable, "-m", "gansteer_server.jobs.worker", "-c", "2", "--hostname", "bench@%h"]
-    with open(log, "wb") as out:
-        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    commands = {
+        name: [sys.executable, "-c", f"from gansteer_server.servers.main import {name}; {name}()"] for name in ports
+    }
+    commands["worker"] = [sys.executable, "-m", "gansteer_server.jobs.worker", "-c", "2", "--hostname", "bench@%h"]
+    processes = []
+    for name, command in commands.items():
+        with open(logs / f"{name}.log", "wb") as out:
+            processes.append(
+                subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            )
+    deployment = Deployment(redis_server, ports, processes, logs)
+    deadline = time.monotonic() + 120
+    with deployment.client() as client:
+        while True:
+            try:
+                client.models()
+                client.job_kinds()
+                client.scorers()
+                return deployment
+            except GansteerError:
+                if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
+                    deployment.stop()
+                    raise RuntimeError(f"the services did not start; logs in {logs}") from None
+                time.sleep(0.5)
 
 
-def one_target(client: Client, index: int, target: bytes) -> dict[str, Any]:
+def one_target(targets: dict[str, str], index: int, target: bytes) -> dict[str, Any]:
+    """One hidden target, in a process of its own (a person at their own machine)."""
+    with Client(
+        targets["optimization"], generation_target=targets["generation"], scoring_target=targets["scoring"]
+    ) as client:
+        return _one_target(client, index, target)
+
+
+def _one_target(client: Client, index: int, target: bytes) -> dict[str, Any]:
     person = TimedPerson(client, Target(target), noise=NOISE, rater_id=f"sim-{index}", seed=index)
     judge = SimulatedPerson(client, Target(target), perceive_with="scenes-judge")
     job = client.evolve(model=MODEL, rounds=ROUNDS, seed=index, labels={"bench": "interactive"})
@@ -125,6 +201,37 @@ def one_target(client: Client, index: int, target: bytes) -> dict[str, Any]:
         "latencies_ms": person.latencies_ms,
         "interactions": len(job.interactions()),
     }
+
+
+def clicker(targets: dict[str, str], index: int, rounds: int, think: tuple[float, float]) -> list[float]:
+    """A person at a UI, in a process of its own: each round is rendered, looked at for a think time, answered with
+    random picks; returns the answer -> next round's images latencies in ms."""
+    rng = np.random.default_rng(index)
+    latencies: list[float] = []
+    with Client(
+        targets["optimization"], generation_target=targets["generation"], scoring_target=targets["scoring"]
+    ) as client:
+        job = client.evolve(model=MODEL, rounds=rounds, seed=500 + index, labels={"bench": "latency"})
+        answered_at: float | None = None
+
+        def rater(round: Round) -> Answer:
+            nonlocal answered_at
+            round.images()
+            if answered_at is not None:
+                latencies.append((time.perf_counter() - answered_at) * 1000)
+            time.sleep(rng.uniform(*think))
+            answered_at = time.perf_counter()
+            return Answer(choice=[int(i) for i in rng.integers(0, len(round.items), round.choose)])
+
+        status = job.answer_rounds(rater, rater_id=f"clicker-{index}")
+        if status.state is not JobState.SUCCEEDED:
+            raise RuntimeError(f"job {job.id} ended {status.state}: {status.error}")
+    return latencies
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def busy_while_waiting(client: Client, jobs: Jobs, store: redis.Redis, count: int) -> dict[str, Any]:
@@ -166,39 +273,36 @@ def main() -> None:
     targets, concurrent = (4, 4) if args.quick else (30, 8)
     started = time.perf_counter()
     load_before = os.getloadavg()
-    redis_server = start_redis_server()
-    stack = start_stack(redis_url=redis_server.url, worker=False, torch_threads=1)
-    log = Path(tempfile.gettempdir()) / f"gansteer-bench-interactive-worker-{os.getpid()}.log"
-    worker = start_worker(redis_server.url, stack.generation_address, stack.scoring_address, log)
+    deployment = deploy()
     try:
-        client = Client(
-            stack.optimization_address,
-            generation_target=stack.generation_address,
-            scoring_target=stack.scoring_address,
-            api_key=stack.api_key,
-            timeout=120,
-        )
         pixels = render_scenes(targets, seed=TARGET_SEED).images
-        with ThreadPoolExecutor(concurrent) as pool:
-            runs = list(pool.map(lambda i: one_target(client, i, png(pixels[i])), range(targets)))
-        wins = sum(run["win"] for run in runs)
-        latencies = sorted(ms for run in runs for ms in run["latencies_ms"])
-        p95 = latencies[min(len(latencies) - 1, math.ceil(0.95 * len(latencies)) - 1)]
-        busy = busy_while_waiting(client, Jobs(stack.job_settings), redis.Redis.from_url(redis_server.url), concurrent)
-        client.close()
+        with ProcessPoolExecutor(concurrent, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(one_target, deployment.targets, i, png(pixels[i])) for i in range(targets)]
+            runs = [future.result() for future in futures]
+            wins = sum(run["win"] for run in runs)
+            during_win_rate = [ms for run in runs for ms in run["latencies_ms"]]
+            clicks = [pool.submit(clicker, deployment.targets, i, LATENCY_ROUNDS, THINK_S) for i in range(concurrent)]
+            latencies = [ms for click in clicks for ms in click.result()]
+        settings = JobSettings.create(Settings.from_env({"GANSTEER_REDIS_URL": deployment.redis_server.url}))
+        with deployment.client() as client:
+            store = redis.Redis.from_url(deployment.redis_server.url)
+            busy = busy_while_waiting(client, Jobs(settings), store, concurrent)
     finally:
-        worker.terminate()
-        worker.wait(30)
-        stack.stop()
-        redis_server.stop()
+        deployment.stop()
     low, high = wilson(wins, targets)
     result = {
         "hevol_win_rate": wins / targets,
         "hevol_win_rate_ci95": [low, high],
         "hevol_judge_win_rate": sum(run["judge_win"] for run in runs) / targets,
-        "round_latency_p95_ms": p95,
+        "round_latency_p95_ms": percentile(latencies, 0.95),
         "round_latency_p50_ms": statistics.median(latencies),
         "round_latencies": len(latencies),
+        "round_latency_during_win_rate_run_ms": {
+            "p50": statistics.median(during_win_rate),
+            "p95": percentile(during_win_rate, 0.95),
+            "n": len(during_win_rate),
+            "note": "the same measure while the simulated persons' perception (Score calls) loads the same CPUs",
+        },
         "workers_busy_while_waiting": busy["active_tasks"]
         + busy["reserved_tasks"]
         + busy["unacked_messages"]
@@ -214,8 +318,9 @@ def main() -> None:
             "random_search_images": ROUNDS * SHOWN,
             "person": {"perceive_with": "scenes-clf", "layers": ["stage2", "penultimate"], "noise": NOISE},
             "judge": "scenes-judge (stage2, penultimate), not used by the person",
-            "worker": "gansteer-worker subprocess, prefork, 2 children, 1 torch thread each",
-            "services": "generation, scoring, optimization in the bench process, 1 torch thread",
+            "worker": "gansteer-worker process, prefork, 2 children, 1 torch thread each",
+            "services": "gansteer-generation, gansteer-scoring, gansteer-optimization, a process each, 1 torch thread",
+            "persons": f"{concurrent} processes (spawned), each a SimulatedPerson with its own Client",
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
             "load_average_before": load_before,
             "load_average_after": os.getloadavg(),
