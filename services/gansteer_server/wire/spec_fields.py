@@ -15,6 +15,9 @@ BUDGET_UNITS = {
     opt.BUDGET_UNIT_ITERATIONS: "iterations",
     opt.BUDGET_UNIT_GENERATOR_CALLS: "generator_calls",
 }
+#: Finite values past these turn a float32 loss or step into infinity: refused rather than run.
+MAX_WEIGHT = 1e6
+MAX_LEARNING_RATE = 1e3
 BACKENDS = {opt.BACKEND_UNSPECIFIED: "", opt.BACKEND_LOCAL: "local", opt.BACKEND_REMOTE: "remote"}
 
 
@@ -49,8 +52,10 @@ def optimizer(
         raise invalid_argument(
             f"{field}.options", f"this kind takes no optimizer options yet (got {sorted(message.options.fields)})"
         )
-    if not math.isfinite(message.learning_rate) or message.learning_rate < 0:
-        raise invalid_argument(f"{field}.learning_rate", f"must be finite and >= 0, got {message.learning_rate}")
+    if not math.isfinite(message.learning_rate) or not 0 <= message.learning_rate <= MAX_LEARNING_RATE:
+        raise invalid_argument(
+            f"{field}.learning_rate", f"must be from 0 to {MAX_LEARNING_RATE:g}, got {message.learning_rate}"
+        )
     if not 0 <= message.population_size <= max_population:
         raise invalid_argument(
             f"{field}.population_size", f"must be 0 (the default) to {max_population}, got {message.population_size}"
@@ -68,6 +73,7 @@ def class_id(value: int, field: str, num_classes: int, model: str) -> int:
 
 
 def weight(value: float, field: str) -> float:
-    if not math.isfinite(value) or value < 0:
-        raise invalid_argument(field, f"must be a finite number >= 0, got {value}", "BAD_WEIGHT")
+    """A criterion or objective weight: finite, >= 0 and at most MAX_WEIGHT (larger ones overflow float32 losses)."""
+    if not math.isfinite(value) or not 0 <= value <= MAX_WEIGHT:
+        raise invalid_argument(field, f"must be a number from 0 to {MAX_WEIGHT:g}, got {value}", "BAD_WEIGHT")
     return float(value)
