@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,8 @@ def test_unreachable_service_exits_5() -> None:
 
 def test_up_models_generate(up: dict[str, Any], tmp_path: Path) -> None:
     assert "redis-server" in up["transport"]
+    with urllib.request.urlopen(f"{up['web']}healthz", timeout=10) as page:  # the rounds page is up too
+        assert json.loads(page.read()) == {"ok": True}
     listed = gansteer(*up["args"], "models", "--json")
     assert listed.returncode == 0, listed.stderr
     assert "scenes-gen" in {m["name"] for m in json.loads(listed.stdout)}

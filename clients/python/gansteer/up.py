@@ -1,4 +1,5 @@
-"""`gansteer up`: the local stack in the foreground until Ctrl-C, for trying gansteer on one machine.
+"""`gansteer up`: the local stack in the foreground until Ctrl-C, for trying gansteer on one machine: the three
+services, a worker, and the rounds page (`gansteer-web`, port 8080, or a free port with `--any-port`).
 
 The server package is imported here, lazily, so the SDK keeps no dependency on it; without it the command says how
 to install it. Where jobs travel (a given Redis, a started `redis-server`, or the in-memory transport) is printed,
@@ -42,11 +43,22 @@ def run_up(*, redis_url: str, transport: str, any_port: bool, json_output: bool)
     except BaseException:
         _restore(previous)
         raise
+    web = clients = None
     try:
+        from gansteer.web import serve
+
+        web, clients = serve(
+            0 if any_port else 8080,
+            target=stack.optimization_address,
+            generation_target=stack.generation_address,
+            scoring_target=stack.scoring_address,
+        )
+        threading.Thread(target=web.serve_forever, name="gansteer-web", daemon=True).start()
         addresses = {
             "generation": stack.generation_address,
             "scoring": stack.scoring_address,
             "optimization": stack.optimization_address,
+            "web": f"http://127.0.0.1:{web.server_address[1]}/",
         }
         if json_output:
             print(json.dumps({**addresses, "transport": stack.transport}), flush=True)
@@ -65,6 +77,10 @@ def run_up(*, redis_url: str, transport: str, any_port: bool, json_output: bool)
             pass
         print("gansteer up: stopping", file=sys.stderr, flush=True)
     finally:
+        if web is not None and clients is not None:
+            web.shutdown()
+            web.server_close()
+            clients.close()
         stack.stop()
         _restore(previous)
     return 0
