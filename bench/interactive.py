@@ -269,8 +269,10 @@ def wilson(wins: float, n: int, z: float = 1.96) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="4 targets, 4 at a time")
+    parser.add_argument("--targets", type=int, default=30, help="hidden targets (default 30, the issue's)")
+    parser.add_argument("--out", default="", help="result file name in bench/results (default interactive.json)")
     args = parser.parse_args()
-    targets, concurrent = (4, 4) if args.quick else (30, 8)
+    targets, concurrent = (4, 4) if args.quick else (args.targets, 8)
     started = time.perf_counter()
     load_before = os.getloadavg()
     deployment = deploy()
@@ -330,7 +332,7 @@ def main() -> None:
         "per_target": [{k: v for k, v in run.items() if k != "latencies_ms"} for run in runs],
     }
     RESULTS.mkdir(exist_ok=True)
-    name = "interactive_quick.json" if args.quick else "interactive.json"
+    name = args.out or ("interactive_quick.json" if args.quick else "interactive.json")
     (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
     summary = {k: result[k] for k in ("hevol_win_rate", "hevol_judge_win_rate", "round_latency_p95_ms")}
     print(json.dumps(summary | {"workers_busy_while_waiting": result["workers_busy_while_waiting"]}, indent=2))
