@@ -42,7 +42,9 @@ protos: setup
 	$(BIN)/python protos/generate.py
 
 # Reproduce the built-in model zoo from scratch (classifiers in minutes, the generator up to ~150 min on 2 cores;
-# it resumes from zoo-work/ if stopped), then register everything under services/gansteer_server/zoo/registry.
+# it resumes from zoo-work/ if stopped), then register everything, with the generator's early training snapshots
+# (scenes-gen-step<N>), under services/gansteer_server/zoo/registry. zoo-eval measures a registered generator once
+# and reads its figures back from its card afterwards (python -m gansteer_server.zoo.evaluate --remeasure redoes it).
 zoo: setup
 	$(BIN)/python -m gansteer_server.zoo.build
 

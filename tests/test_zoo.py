@@ -9,6 +9,9 @@ import torch
 from gansteer_server.algorithms.set_metrics import precision_recall
 from gansteer_server.config import BUILTIN_REGISTRY
 from gansteer_server.models import ModelRegistry, OnnxModel
+from gansteer_server.models.architectures.scenes import ScenesDiscriminator, ScenesGenerator
+from gansteer_server.zoo.evaluate import SNAPSHOT_PREFIX
+from gansteer_server.zoo.train_gan import GanTrainingConfig, initial_weights
 
 CLASSIFIERS = {"scenes-clf": 10, "scenes-judge": 10, "scenes-clf-alt": 3}
 
@@ -91,6 +94,41 @@ def test_onnx_export_agrees_with_torch(zoo: ModelRegistry, name: str) -> None:
         else:
             images = torch.rand(6, 3, 32, 32) * 2 - 1
             torch.testing.assert_close(exported(images), model(images), rtol=0, atol=1e-4)
+
+
+def test_the_zoo_stays_within_its_weight_budget() -> None:
+    size = sum(f.stat().st_size for f in BUILTIN_REGISTRY.rglob("*") if f.is_file())
+    assert size <= 30 * 2**20
+
+
+def test_training_snapshots_are_weaker_generators_with_the_same_interface(zoo: ModelRegistry) -> None:
+    snapshots = sorted((c for c in zoo.list() if c.name.startswith(SNAPSHOT_PREFIX)), key=lambda c: c.extra["step"])
+    assert len(snapshots) >= 3
+    final = zoo.card("scenes-gen")
+    z = torch.randn(4, 128, generator=torch.Generator().manual_seed(6))
+    for card in snapshots:
+        assert card.extra["snapshot_of"] == "scenes-gen" and card.extra["step"] < GanTrainingConfig.steps
+        assert (card.latent_size, card.num_classes, card.embedding_size) == (128, 10, 128)
+        with torch.no_grad():
+            images = zoo.load(card.ref)(z, torch.tensor([1, 2, 3, 4]))
+        assert images.shape == (4, 3, 32, 32) and images.std() > 0.1
+        # The point of a snapshot: its samples are judged worse than the shipped generator's.
+        accuracy = card.metrics["generated_class_accuracy"]
+        assert accuracy < final.metrics["generated_class_accuracy"]
+
+
+def test_training_resumes_from_the_shipped_weights_with_spectral_norm_put_back(zoo: ModelRegistry) -> None:
+    """A machine without the training's checkpoints starts the polish from the zoo: the folded weights, wrapped
+    in spectral norm again, give the shipped generator's images."""
+    config = GanTrainingConfig()
+    weights = initial_weights(None, "scenes-gen", "scenes-disc")
+    generator = ScenesGenerator(widths=config.generator_widths)
+    generator.load_state_dict(weights["generator"])
+    ScenesDiscriminator(widths=config.discriminator_widths).load_state_dict(weights["discriminator"])
+    z, ids = torch.randn(8, 128, generator=torch.Generator().manual_seed(7)), torch.arange(8)
+    with torch.no_grad():
+        resumed, shipped = generator.eval()(z, ids), zoo.load("scenes-gen")(z, ids)
+    assert (resumed - shipped).abs().mean() < 0.02
 
 
 def test_precision_and_recall_are_about_one_for_two_samples_of_one_distribution() -> None:

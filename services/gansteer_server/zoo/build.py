@@ -3,7 +3,8 @@ ONNX exports in the zoo shipped inside the package.
 
 Steps, each skipped when its output exists (so an interrupted run resumes): train the three classifiers, train the
 GAN (resuming from its checkpoint), then export: the generator's EMA weights with standing batch-norm statistics,
-spectral norm folded into plain weights, and register every model.
+spectral norm folded into plain weights, and register every model, with the GAN's early training snapshots as
+`scenes-gen-step<N>`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from gansteer_server.models import ModelRegistry
 from gansteer_server.models.architectures import build_architecture
 from gansteer_server.models.architectures.scenes import ScenesDiscriminator, ScenesGenerator
 from gansteer_server.zoo import train_classifiers, train_gan
+from gansteer_server.zoo.evaluate import SNAPSHOT_PREFIX
 
 _IMAGES = {"resolution": 32, "channels": 3, "value_range": [-1.0, 1.0]}
 
@@ -123,53 +125,20 @@ def build(work_dir: Path, registry_root: Path, gan_minutes: float | None, replac
 
     config = train_gan.GanTrainingConfig()
     checkpoint = train_gan.train(config, work_dir / "gan", gan_minutes)
-    generator, discriminator = export_gan(checkpoint, config)
+    if _step(checkpoint) < config.steps:
+        print("the GAN stopped early; run again to resume it", flush=True)
+        return
 
     if replace:
         for name in ("scenes-gen", "scenes-disc", *classifiers):
             for folder in registry_root.glob(f"{name}@*"):
                 shutil.rmtree(folder)
+        for folder in registry_root.glob(f"{SNAPSHOT_PREFIX}*@*"):
+            shutil.rmtree(folder)
     registry = ModelRegistry([registry_root])
+    register_gan(registry, work_dir / "gan")
+    register_snapshots(registry, work_dir / "gan")
     with tempfile.TemporaryDirectory() as temp:
-        onnx = Path(temp) / "generator.onnx"
-        z, embedding = torch.randn(2, generator.z_size), generator.embedding.weight[:2].detach()
-        export_onnx(_GeneratorForOnnx(generator), (z, embedding), ["z", "embedding"], "images", onnx)
-        register(
-            registry,
-            "scenes-gen",
-            {
-                "kind": "generator",
-                "architecture": "scenes_generator",
-                "architecture_kwargs": {"widths": list(config.generator_widths), "spectral_norm": False},
-                "latent_size": generator.z_size,
-                "latent_prior": {"type": "standard_normal"},
-                "num_classes": len(CLASS_NAMES),
-                "class_names": list(CLASS_NAMES),
-                "embedding_size": generator.embedding_size,
-                **_IMAGES,
-                "description": "BigGAN-style class-conditional generator of 32x32 scenes (EMA weights). "
-                "ONNX export takes (z, embedding); look class ids up in `embedding.weight`.",
-                # The companions a job uses when its spec names none: realism, feature statistics, judging.
-                "extra": {"discriminator": "scenes-disc", "feature_extractor": "scenes-clf", "judge": "scenes-judge"},
-            },
-            generator,
-            onnx,
-        )
-        register(
-            registry,
-            "scenes-disc",
-            {
-                "kind": "discriminator",
-                "architecture": "scenes_discriminator",
-                "architecture_kwargs": {"widths": list(config.discriminator_widths), "spectral_norm": False},
-                "num_classes": len(CLASS_NAMES),
-                "class_names": list(CLASS_NAMES),
-                **_IMAGES,
-                "description": "Projection discriminator trained with scenes-gen (hinge loss); higher is more real.",
-            },
-            discriminator,
-            None,
-        )
         for name, (spec, model, held_out) in classifiers.items():
             onnx = Path(temp) / f"{name}.onnx"
             export_onnx(model, (torch.zeros(2, 3, 32, 32),), ["images"], "logits", onnx)
@@ -192,15 +161,97 @@ def build(work_dir: Path, registry_root: Path, gan_minutes: float | None, replac
             )
 
 
+def _step(checkpoint: Path) -> int:
+    return int(torch.load(checkpoint, weights_only=True)["step"]) if checkpoint.exists() else 0
+
+
+def _generator_card(config: train_gan.GanTrainingConfig, generator: ScenesGenerator) -> dict[str, Any]:
+    return {
+        "kind": "generator",
+        "architecture": "scenes_generator",
+        "architecture_kwargs": {"widths": list(config.generator_widths), "spectral_norm": False},
+        "latent_size": generator.z_size,
+        "latent_prior": {"type": "standard_normal"},
+        "num_classes": len(CLASS_NAMES),
+        "class_names": list(CLASS_NAMES),
+        "embedding_size": generator.embedding_size,
+        **_IMAGES,
+    }
+
+
+# The companions a job uses when a generator's spec names none: realism, feature statistics, judging.
+_COMPANIONS = {"discriminator": "scenes-disc", "feature_extractor": "scenes-clf", "judge": "scenes-judge"}
+
+
+def register_gan(registry: ModelRegistry, gan_dir: Path) -> None:
+    """Register the trained GAN as the newest `scenes-gen` and `scenes-disc`."""
+    config = train_gan.GanTrainingConfig()
+    generator, discriminator = export_gan(gan_dir / "checkpoint.pt", config)
+    with tempfile.TemporaryDirectory() as temp:
+        onnx = Path(temp) / "generator.onnx"
+        z, embedding = torch.randn(2, generator.z_size), generator.embedding.weight[:2].detach()
+        export_onnx(_GeneratorForOnnx(generator), (z, embedding), ["z", "embedding"], "images", onnx)
+        card = {
+            **_generator_card(config, generator),
+            "description": "BigGAN-style class-conditional generator of 32x32 scenes (EMA weights). "
+            "ONNX export takes (z, embedding); look class ids up in `embedding.weight`.",
+            "extra": _COMPANIONS,
+        }
+        register(registry, "scenes-gen", card, generator, onnx)
+    register(
+        registry,
+        "scenes-disc",
+        {
+            "kind": "discriminator",
+            "architecture": "scenes_discriminator",
+            "architecture_kwargs": {"widths": list(config.discriminator_widths), "spectral_norm": False},
+            "num_classes": len(CLASS_NAMES),
+            "class_names": list(CLASS_NAMES),
+            **_IMAGES,
+            "description": "Projection discriminator trained with scenes-gen (hinge loss); higher is more real.",
+        },
+        discriminator,
+        None,
+    )
+
+
+def register_snapshots(registry: ModelRegistry, gan_dir: Path) -> None:
+    """Register the GAN's early snapshots found in `gan_dir` as `scenes-gen-step<N>` (those not registered yet),
+    without ONNX exports (the zoo's weights stay within budget; the torch weights serve every job)."""
+    config = train_gan.GanTrainingConfig()
+    for step in config.snapshot_steps:
+        snapshot = train_gan.snapshot_path(gan_dir, step)
+        if registry.versions(f"{SNAPSHOT_PREFIX}{step}"):
+            continue
+        if not snapshot.exists():
+            print(f"no snapshot of step {step} in {gan_dir}; skipped", flush=True)
+            continue
+        generator, _ = export_gan(snapshot, config)
+        card = {
+            **_generator_card(config, generator),
+            "description": f"An early training snapshot of scenes-gen: its EMA weights at step {step} of "
+            f"{config.steps:,} ({100 * step / config.steps:.0f}%; before step {config.ema_start:,} the EMA is the "
+            "raw generator). A weaker generator for tests and forking analyses.",
+            "extra": {**_COMPANIONS, "snapshot_of": "scenes-gen", "step": step},
+        }
+        register(registry, f"{SNAPSHOT_PREFIX}{step}", card, generator, None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--work-dir", type=Path, default=Path("zoo-work"))
     parser.add_argument("--registry", type=Path, default=BUILTIN_REGISTRY)
     parser.add_argument("--gan-minutes", type=float, default=None, help="wall-time budget for this GAN run")
     parser.add_argument("--keep", action="store_true", help="add new versions instead of replacing the zoo's")
+    parser.add_argument(
+        "--snapshots-only", action="store_true", help="only register the snapshots found in WORK_DIR/gan"
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.snapshots_only:
+        register_snapshots(ModelRegistry([args.registry]), args.work_dir / "gan")
+        return
     build(args.work_dir, args.registry, args.gan_minutes, replace=not args.keep)
 
 

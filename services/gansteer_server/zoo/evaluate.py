@@ -25,11 +25,12 @@ from gansteer_server.algorithms.set_metrics import (
     precision_recall,
 )
 from gansteer_server.config import BUILTIN_REGISTRY
-from gansteer_server.data.scenes import CLASS_NAMES, TIME_NAMES, render_scenes
+from gansteer_server.data.scenes import CLASS_NAMES, TIME_NAMES, Scenes, render_scenes
 from gansteer_server.models import CARD_FILE, ModelRegistry
 from gansteer_server.zoo.train_classifiers import accuracy, images_to_tensor
 
 EVAL_SEED, SECOND_REAL_SEED = 400, 500
+SNAPSHOT_PREFIX = "scenes-gen-step"
 
 
 @torch.no_grad()
@@ -51,24 +52,37 @@ def save_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 2) -> No
     image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
 
 
-def evaluate(
-    registry_root: Path, docs: Path, results: Path, per_class: int = 1000, set_size: int = 5000
+@dataclasses.dataclass(frozen=True)
+class Instruments:
+    """What every generator is measured with: the three classifiers and two independent real sets."""
+
+    classifier: torch.nn.Module
+    judge: torch.nn.Module
+    alt: torch.nn.Module
+    held_out: Scenes
+    second_real: torch.Tensor
+
+    @classmethod
+    def load(cls, registry: ModelRegistry) -> Instruments:
+        classifier, judge, alt = (registry.load(n) for n in ("scenes-clf", "scenes-judge", "scenes-clf-alt"))
+        return cls(
+            classifier,
+            judge,
+            alt,
+            render_scenes(10_000, seed=EVAL_SEED),
+            images_to_tensor(render_scenes(10_000, seed=SECOND_REAL_SEED).images),
+        )
+
+
+def measure_generator(
+    generator: torch.nn.Module, instruments: Instruments, per_class: int = 1000, set_size: int = 5000
 ) -> dict[str, Any]:
-    registry = ModelRegistry([registry_root])
-    generator = registry.load("scenes-gen")
-    classifier, judge, alt = (registry.load(n) for n in ("scenes-clf", "scenes-judge", "scenes-clf-alt"))
-    features = FeatureSpace(classifier)
-
-    held_out = render_scenes(10_000, seed=EVAL_SEED)
-    real = images_to_tensor(held_out.images)
-    real_labels, real_times = torch.from_numpy(held_out.labels), torch.from_numpy(held_out.times)
-    figures: dict[str, Any] = {
-        "classifier_accuracy": accuracy(classifier, real, real_labels),
-        "judge_accuracy": accuracy(judge, real, real_labels),
-        "alt_classifier_accuracy": accuracy(alt, real, real_times),
-    }
-    print(f"classifiers: {figures}", flush=True)
-
+    """Every generator figure of docs/zoo.md, each beside the same figure for real images."""
+    features = FeatureSpace(instruments.classifier)
+    judge, alt = instruments.judge, instruments.alt
+    real = images_to_tensor(instruments.held_out.images)
+    real_labels = torch.from_numpy(instruments.held_out.labels)
+    real_times = torch.from_numpy(instruments.held_out.times)
     generated = torch.cat([generate(generator, c, per_class, seed=c) for c in range(len(CLASS_NAMES))])
     generated_labels = torch.arange(len(CLASS_NAMES)).repeat_interleave(per_class)
     real_features, generated_features = features.embed(real), features.embed(generated)
@@ -88,7 +102,7 @@ def evaluate(
             "diversity_ratio": feature_gen / feature_real,
             "pixel_diversity_ratio": pixel_gen / pixel_real,
         }
-        print(f"{name}: {per_class_figures[name]}", flush=True)
+    figures: dict[str, Any] = {}
     # The second label set as a coverage probe: do generated scenes keep the data's mix of day, dusk and night?
     with torch.no_grad():
         generated_times = torch.cat([alt(generated[i : i + 500]).argmax(1) for i in range(0, len(generated), 500)])
@@ -103,7 +117,7 @@ def evaluate(
     figures["diversity_ratio"] = float(np.mean([f["diversity_ratio"] for f in per_class_figures.values()]))
     figures["diversity_ratio_min"] = float(min(f["diversity_ratio"] for f in per_class_figures.values()))
 
-    second_real = images_to_tensor(render_scenes(10_000, seed=SECOND_REAL_SEED).images)
+    second_real = instruments.second_real
     figures["fid_builtin"] = frechet_distance(features, real, generated)
     figures["fid_builtin_real"] = frechet_distance(features, real, second_real)
     rng = np.random.default_rng(0)
@@ -115,11 +129,53 @@ def evaluate(
     figures["precision_builtin_real"], figures["recall_builtin_real"] = precision_recall(
         real_features[:set_size], second_features
     )
-    figures["samples"] = {"fid": [len(real), len(generated)], "precision_recall": [set_size, set_size], "k": 3}
+    figures["samples"] = _samples(per_class, set_size)
     figures["per_class"] = per_class_figures
+    return figures
+
+
+def evaluate(
+    registry_root: Path,
+    docs: Path,
+    results: Path,
+    per_class: int = 1000,
+    set_size: int = 5000,
+    remeasure: bool = False,
+) -> dict[str, Any]:
+    registry = ModelRegistry([registry_root])
+    instruments = Instruments.load(registry)
+    real = images_to_tensor(instruments.held_out.images)
+    real_labels = torch.from_numpy(instruments.held_out.labels)
+    figures: dict[str, Any] = {
+        "classifier_accuracy": accuracy(instruments.classifier, real, real_labels),
+        "judge_accuracy": accuracy(instruments.judge, real, real_labels),
+        "alt_classifier_accuracy": accuracy(instruments.alt, real, torch.from_numpy(instruments.held_out.times)),
+    }
+    print(f"classifiers: {figures}", flush=True)
+    # A registered version's weights never change, so a generator measured once with these sample sizes is read
+    # back from its card unless `remeasure` (for a change to the measurements themselves).
+    samples = _samples(per_class, set_size)
+
+    def measured(ref: str) -> dict[str, Any]:
+        card = registry.card(ref)
+        if not remeasure and card.metrics.get("samples") == samples:
+            return {k: v for k, v in card.metrics.items() if k not in ("weights_mb", "step")}
+        return measure_generator(registry.load(ref), instruments, per_class, set_size)
+
+    generator_ref = registry.resolve("scenes-gen").card.ref
+    figures["generator"] = generator_ref
+    figures.update(measured(generator_ref))
     figures["weights_mb"] = sum(f.stat().st_size for f in registry_root.rglob("*") if f.is_file()) / 2**20
     print(json.dumps({k: v for k, v in figures.items() if k != "per_class"}, indent=1), flush=True)
+    # The training snapshots: weaker generators for tests and forking analyses, with the same samples.
+    figures["snapshots"], snapshot_figures = {}, {}
+    for card in sorted(registry.list(), key=lambda c: c.extra.get("step", 0)):
+        if card.name.startswith(SNAPSHOT_PREFIX):
+            snapshot_figures[card.ref] = measured(card.ref)
+            figures["snapshots"][card.name] = {"step": card.extra["step"], **_summary(snapshot_figures[card.ref])}
+            print(f"{card.name}: {figures['snapshots'][card.name]}", flush=True)
 
+    generator = registry.load(generator_ref)
     docs.mkdir(parents=True, exist_ok=True)
     columns = 10
     save_grid(
@@ -127,20 +183,40 @@ def evaluate(
     )
     real_grid = torch.cat([real[real_labels == c][:columns] for c in range(10)])
     save_grid(real_grid, 10, docs / "zoo_real.png")
-    _write_cards(registry, figures)
+    _write_cards(registry, figures, snapshot_figures)
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(figures, indent=2) + "\n")
     (docs / "zoo.md").write_text(render_markdown(figures))
     return figures
 
 
-def _write_cards(registry: ModelRegistry, figures: dict[str, Any]) -> None:
+def _samples(per_class: int, set_size: int) -> dict[str, Any]:
+    return {"fid": [10_000, per_class * len(CLASS_NAMES)], "precision_recall": [set_size, set_size], "k": 3}
+
+
+def _summary(figures: dict[str, Any]) -> dict[str, float]:
+    """The headline figures of one generator (a snapshot's card and its row in docs/zoo.md)."""
+    return {
+        "generated_class_accuracy": figures["generated_class_accuracy"],
+        "precision_builtin": figures["precision_builtin"],
+        "recall_builtin": figures["recall_builtin"],
+        "fid_builtin": figures["fid_builtin"],
+        "diversity_ratio_min": figures["diversity_ratio_min"],
+        "dusk_share": figures["time_of_day_share"]["dusk"]["generated"],
+        "samples": figures["samples"],
+    }
+
+
+def _write_cards(registry: ModelRegistry, figures: dict[str, Any], snapshot_figures: dict[str, dict[str, Any]]) -> None:
     """Record the figures in each shipped card (the zoo's own folders; registered versions are otherwise immutable)."""
     generator_keys = [
-        k for k in figures if k not in ("classifier_accuracy", "judge_accuracy", "alt_classifier_accuracy")
+        k
+        for k in figures
+        if k not in ("classifier_accuracy", "judge_accuracy", "alt_classifier_accuracy", "generator", "snapshots")
     ]
     updates = {
-        "scenes-gen": {k: figures[k] for k in generator_keys},
+        figures["generator"]: {k: figures[k] for k in generator_keys},
+        **snapshot_figures,
         "scenes-clf": {"held_out_accuracy": figures["classifier_accuracy"]},
         "scenes-judge": {"held_out_accuracy": figures["judge_accuracy"]},
         "scenes-clf-alt": {"held_out_accuracy": figures["alt_classifier_accuracy"]},
@@ -155,6 +231,7 @@ def render_markdown(figures: dict[str, Any]) -> str:
     lines = [
         "# The built-in model zoo",
         "",
+        f"Generator measured: `{figures['generator']}` (what `scenes-gen` resolves to). "
         "Written by `make zoo-eval` (`gansteer_server.zoo.evaluate`); the same figures are in "
         "`bench/results/zoo.json` and in each model's card. `*_builtin` metrics use `scenes-clf`'s penultimate "
         f"features, not Inception. Fréchet distance: {figures['samples']['fid'][0]} real vs "
@@ -201,6 +278,24 @@ def render_markdown(figures: dict[str, Any]) -> str:
     ]
     for name, share in figures["time_of_day_share"].items():
         lines.append(f"| {name} | {share['generated']:.3f} | {share['real']:.3f} |")
+    if figures["snapshots"]:
+        lines += [
+            "",
+            "## Training snapshots",
+            "",
+            "Weaker generators from early in training (see docs/zoo_training.md), for tests and analyses that need "
+            "one; same samples and sizes as above.",
+            "",
+            "| model | step | judge accuracy | precision_builtin | recall_builtin | fid_builtin | "
+            "diversity ratio min | dusk share |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for name, f in figures["snapshots"].items():
+            lines.append(
+                f"| {name} | {f['step']:,} | {f['generated_class_accuracy']:.3f} | {f['precision_builtin']:.3f} | "
+                f"{f['recall_builtin']:.3f} | {f['fid_builtin']:.3f} | {f['diversity_ratio_min']:.3f} | "
+                f"{f['dusk_share']:.3f} |"
+            )
     lines += [
         "",
         "## Samples",
@@ -223,9 +318,25 @@ def main() -> None:
     parser.add_argument("--docs", type=Path, default=Path("docs"))
     parser.add_argument("--results", type=Path, default=Path("bench/results/zoo.json"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--checkpoint", type=Path, default=None, help="only print the headline figures of a GAN training checkpoint"
+    )
+    parser.add_argument("--per-class", type=int, default=1000)
+    parser.add_argument("--set-size", type=int, default=5000)
+    parser.add_argument("--remeasure", action="store_true", help="measure generators whose cards hold figures")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    evaluate(args.registry, args.docs, args.results)
+    if args.checkpoint is None:
+        evaluate(args.registry, args.docs, args.results, args.per_class, args.set_size, args.remeasure)
+        return
+    from gansteer_server.zoo.build import export_gan
+    from gansteer_server.zoo.train_gan import GanTrainingConfig
+
+    generator, _ = export_gan(args.checkpoint, GanTrainingConfig())
+    figures = measure_generator(
+        generator, Instruments.load(ModelRegistry([args.registry])), args.per_class, args.set_size
+    )
+    print(json.dumps(_summary(figures)), flush=True)
 
 
 if __name__ == "__main__":
