@@ -229,5 +229,5 @@ def test_search_with_each_of_the_seeds_optimizers_and_basincma_inversion(up: dic
         "--json",
     )
     assert basin.returncode == 0, basin.stderr
-    # one BasinCMA step (8 candidates x 20 Adam steps) over the first half, then 160 Adam steps from the best
+    # two BasinCMA steps (8 candidates x 10 Adam steps each) until 70% is left, then 160 Adam steps from the best
     assert json.loads(basin.stdout)["metrics"]["generator_calls"] == 320

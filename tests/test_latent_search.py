@@ -131,7 +131,8 @@ def test_basincma_ends_with_adam_from_its_best_points_within_the_budget() -> Non
     while not run.done:
         run.step()
     assert run.steps == 3 + 40 and run.generator_calls == 100  # then one call per Adam step
-    assert planned_steps("basincma", {"refine_steps": 5}, Budget(100, "generator_calls"), 4, 1) == 43
+    options = {"refine_steps": 5, "final_fraction": 0.5}
+    assert planned_steps("basincma", options, Budget(100, "generator_calls"), 4, 1) == 43
     assert (run.best_values >= before).all()
 
 
