@@ -19,6 +19,7 @@ from gansteer_server.jobs.kinds.base import (
     JobRun,
     ModelCatalog,
     RoundRun,
+    SearchJobRun,
     StepProgress,
     SubmitContext,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "JobRun",
     "ModelCatalog",
     "RoundRun",
+    "SearchJobRun",
     "StepProgress",
     "SubmitContext",
     "get_kind",

@@ -116,6 +116,39 @@ class JobRun(Protocol):
         ...
 
 
+class SearchJobRun:
+    """The runner's view of a search-core run (inversion, latent search): `done`, `steps` and checkpoints pass
+    through to it, and progress reports each criterion as its mean over the run's items. A kind adds `preview` and
+    `result`, and `best` where its reports name the best values otherwise."""
+
+    def __init__(self, run: Any) -> None:
+        self.run = run
+
+    @property
+    def done(self) -> bool:
+        return bool(self.run.done)
+
+    @property
+    def steps(self) -> int:
+        return int(self.run.steps)
+
+    def step(self) -> StepProgress:
+        report = self.run.step()
+        criterion = {"total": float(self.best(report).mean())}
+        criterion |= {name: float(term.mean()) for name, term in report.terms.items()}
+        return StepProgress(step=report.step, generator_calls=report.generator_calls, criterion=criterion)
+
+    def best(self, report: Any) -> Tensor:
+        """Each item's best value so far, from one step's report."""
+        return report.best_value  # type: ignore[no-any-return]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.run.state_dict()  # type: ignore[no-any-return]
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.run.load_state_dict(state)
+
+
 class RoundRun(JobRun, Protocol):
     """The run of a kind with rounds: it also takes the answers of the round its last step opened."""
 

@@ -28,7 +28,7 @@ from gansteer_server.algorithms.inversion import (
 from gansteer_server.algorithms.inversion.criteria import resize
 from gansteer_server.algorithms.search import Budget, calls_per_candidate, is_gradient_optimizer, planned_steps
 from gansteer_server.jobs.backends import ModelBackend
-from gansteer_server.jobs.kinds import JobKind, JobRun, StepProgress, SubmitContext, register_kind
+from gansteer_server.jobs.kinds import JobKind, JobRun, SearchJobRun, SubmitContext, register_kind
 from gansteer_server.jobs.settings import JobSettings
 from gansteer_server.models import ModelCard
 from gansteer_server.proto import common_pb2
@@ -218,34 +218,16 @@ class InversionJob(JobKind):
         return InversionJobRun(InversionRun(spec.config, models, spec.targets))
 
 
-class InversionJobRun:
+class InversionJobRun(SearchJobRun):
     """The runner's view of an InversionRun: criterion values as means over the targets, results as a JobResult."""
 
-    def __init__(self, run: InversionRun) -> None:
-        self.run = run
+    run: InversionRun
 
-    @property
-    def done(self) -> bool:
-        return self.run.done
-
-    @property
-    def steps(self) -> int:
-        return self.run.steps
-
-    def step(self) -> StepProgress:
-        report = self.run.step()
-        criterion = {"total": float(report.best_criterion.mean())}
-        criterion |= {name: float(term.mean()) for name, term in report.terms.items()}
-        return StepProgress(step=report.step, generator_calls=report.generator_calls, criterion=criterion)
+    def best(self, report: Any) -> Tensor:
+        return report.best_criterion  # type: ignore[no-any-return]
 
     def preview(self) -> Tensor:
         return torch.stack([item.image for item in self.run.result()])
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.run.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.run.load_state_dict(state)
 
     def result(self) -> opt.JobResult:
         items = self.run.result()

@@ -36,7 +36,7 @@ from gansteer_server.algorithms.search import (
     population_floor,
 )
 from gansteer_server.jobs.backends import ModelBackend
-from gansteer_server.jobs.kinds import JobKind, JobRun, StepProgress, SubmitContext, register_kind
+from gansteer_server.jobs.kinds import JobKind, JobRun, SearchJobRun, SubmitContext, register_kind
 from gansteer_server.jobs.settings import JobSettings
 from gansteer_server.models import ModelCard
 from gansteer_server.proto import common_pb2, scoring_pb2
@@ -367,34 +367,13 @@ def _objective(terms: tuple[ObjectiveTermSpec, ...], models: scorers.ScoringMode
     return score
 
 
-class LatentSearchJobRun:
+class LatentSearchJobRun(SearchJobRun):
     """The runner's view of a LatentSearchRun: progress as means over the searches, results as a JobResult."""
 
-    def __init__(self, run: LatentSearchRun) -> None:
-        self.run = run
-
-    @property
-    def done(self) -> bool:
-        return self.run.done
-
-    @property
-    def steps(self) -> int:
-        return self.run.steps
-
-    def step(self) -> StepProgress:
-        report = self.run.step()
-        criterion = {"total": float(report.best_value.mean())}
-        criterion |= {name: float(term.mean()) for name, term in report.terms.items()}
-        return StepProgress(step=report.step, generator_calls=report.generator_calls, criterion=criterion)
+    run: LatentSearchRun
 
     def preview(self) -> Tensor:
         return self.run.best_images()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.run.state_dict()
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.run.load_state_dict(state)
 
     def result(self) -> opt.JobResult:
         items = self.run.result()
