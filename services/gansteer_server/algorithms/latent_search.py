@@ -27,13 +27,12 @@ from gansteer_server.algorithms.search import (
     DEFAULT_POPULATION,
     Budget,
     BudgetUnit,
-    ConditionedLatentSpace,
+    ClassSpace,
     Evaluation,
-    LatentClassSpace,
     Latents,
-    LatentSpace,
     SearchRun,
     StepSchedule,
+    class_space,
     optimizer_options,
 )
 
@@ -208,18 +207,11 @@ class LatentSearchRun:
             options=dict(config.options),
         )
 
-    def _space(self) -> LatentSpace | ConditionedLatentSpace | LatentClassSpace:
-        config, table, z_size = self.config, self.models.class_embeddings, self.models.z_size
-        if config.class_mode == "none":
-            return LatentSpace(z_size, self.num_searches)
-        if table is not None and config.class_ids and max(config.class_ids) >= len(table):
-            raise ValueError(f"class_ids {config.class_ids} out of range for {len(table)} classes")
-        if config.class_mode == "conditioned":
-            assert self.search_classes is not None
-            return ConditionedLatentSpace(z_size, self.search_classes)
-        if table is None:
-            raise ValueError("class_mode 'search' needs the generator's class_embeddings")
-        return LatentClassSpace.from_table(z_size, table, self.search_classes, self.num_searches)
+    def _space(self) -> ClassSpace:
+        config, models = self.config, self.models
+        return class_space(
+            config.class_mode, models.z_size, self.num_searches, models.class_embeddings, self.search_classes
+        )
 
     @property
     def done(self) -> bool:

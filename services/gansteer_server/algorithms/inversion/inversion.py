@@ -32,15 +32,14 @@ from gansteer_server.algorithms.search import (
     DEFAULT_POPULATION,
     Budget,
     BudgetUnit,
-    ConditionedLatentSpace,
+    ClassSpace,
     Evaluation,
     GradientOptimizer,
-    LatentClassSpace,
     Latents,
-    LatentSpace,
     PopulationOptimizer,
     SearchRun,
     StepSchedule,
+    class_space,
     is_gradient_optimizer,
 )
 
@@ -196,26 +195,16 @@ class InversionRun:
             seed=config.seed,
         )
 
-    def _space(self) -> LatentSpace | ConditionedLatentSpace | LatentClassSpace:
-        """The class mode's space: z alone, z with each target's fixed class, or z and a searched class vector
-        that starts from the given class's row or the embedding table's mean."""
-        config, table, z_size = self.config, self.models.class_embeddings, self.models.z_size
-        if config.class_mode == "none":
-            return LatentSpace(z_size, self.num_searches)
+    def _space(self) -> ClassSpace:
+        """The class mode's space (`class_space`), with one class per target or one for all, repeated per restart."""
+        config = self.config
         ids = None
         if config.class_ids is not None:
             if len(config.class_ids) not in (1, self.num_targets):
                 raise ValueError(f"class_ids needs 1 or {self.num_targets} entries, got {len(config.class_ids)}")
-            if table is not None and max(config.class_ids) >= len(table):
-                raise ValueError(f"class_ids {config.class_ids} out of range for {len(table)} classes")
             ids = torch.tensor(config.class_ids, dtype=torch.int64).expand(self.num_targets)
             ids = ids.repeat_interleave(self.restarts)
-        if config.class_mode == "conditioned":
-            assert ids is not None  # the config requires class_ids
-            return ConditionedLatentSpace(z_size, ids)
-        if table is None:
-            raise ValueError("class_mode 'search' needs the generator's class_embeddings")
-        return LatentClassSpace.from_table(z_size, table, ids, self.num_searches)
+        return class_space(config.class_mode, self.models.z_size, self.num_searches, self.models.class_embeddings, ids)
 
     def decode(self, variables: Tensor, search_index: Tensor) -> Latents:
         """Rows of search variables -> (z, the generator's condition) for searches `search_index`."""

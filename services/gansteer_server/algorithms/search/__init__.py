@@ -26,6 +26,7 @@ from gansteer_server.algorithms.search.optimizers import (
 from gansteer_server.algorithms.search.run import SearchReport, SearchRun
 from gansteer_server.algorithms.search.schedule import DEFAULT_LEARNING_RATE, StepSchedule
 from gansteer_server.algorithms.search.space import (
+    ClassSpace,
     ConditionedLatentSpace,
     EmbeddingRowSpace,
     LatentClassSpace,
@@ -33,6 +34,7 @@ from gansteer_server.algorithms.search.space import (
     LatentSpace,
     ParameterSpace,
     SearchSpace,
+    class_space,
     embedding_scale,
 )
 
@@ -43,6 +45,7 @@ __all__ = [
     "OPTIMIZERS",
     "Budget",
     "BudgetUnit",
+    "ClassSpace",
     "ConditionedLatentSpace",
     "EmbeddingRowSpace",
     "Evaluation",
@@ -62,6 +65,7 @@ __all__ = [
     "StepSchedule",
     "Variables",
     "calls_per_candidate",
+    "class_space",
     "embedding_scale",
     "is_gradient_optimizer",
     "optimizer_catalog",

@@ -187,3 +187,23 @@ class ParameterSpace:
 
     def decode(self, variables: list[Tensor], search_index: Tensor) -> list[Tensor]:
         return variables
+
+
+ClassSpace = LatentSpace | ConditionedLatentSpace | LatentClassSpace
+
+
+def class_space(mode: str, z_size: int, searches: int, table: Tensor | None, class_ids: Tensor | None) -> ClassSpace:
+    """The space of a class mode: z alone (`none`), z with each search's fixed class (`conditioned`), or z and a
+    searched class vector starting from each search's class row or the table's mean (`search`). `class_ids` (M,)
+    holds each search's class."""
+    if mode == "none":
+        return LatentSpace(z_size, searches)
+    if table is not None and class_ids is not None and int(class_ids.max()) >= len(table):
+        raise ValueError(f"class_ids {sorted(set(class_ids.tolist()))} out of range for {len(table)} classes")
+    if mode == "conditioned":
+        if class_ids is None:
+            raise ValueError("class_mode 'conditioned' needs class_ids")
+        return ConditionedLatentSpace(z_size, class_ids)
+    if table is None:
+        raise ValueError("class_mode 'search' needs the generator's class_embeddings")
+    return LatentClassSpace.from_table(z_size, table, class_ids, searches)
