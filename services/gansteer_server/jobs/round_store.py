@@ -53,6 +53,7 @@ class RoundStore:
 
     def __init__(self, store: JobStore) -> None:
         self.store, self.client = store, store.client
+        self._rater_key: bytes | None = None
 
     def round_key(self, job_id: str) -> str:
         return f"{self.store.job_key(job_id)}:round"
@@ -80,36 +81,24 @@ class RoundStore:
         round_: opt.FeedbackRound,
         run_seconds: float,
     ) -> None:
-        """Store the checkpoint and the round, move the job to WAITING at `segment + 1` and release the lease,
-        atomically and only while the lease is ours (LeaseLost otherwise). No task is queued: an answer does that."""
+        """Advance the job past `segment` (`JobStore.advance`: checkpoint, lease released) and, in the same
+        transaction, store the round and move the job to WAITING (LeaseLost when the lease is not ours). No task is
+        queued: an answer does that."""
 
-        def write(pipe: redis.client.Pipeline) -> None:
-            record = self.store.require_lease(pipe, job_id, owner)
-            now = redis_time(pipe)
-            pipe.multi()
-            pipe.set(self.store.checkpoint_key(job_id), checkpoint)
+        def opening(pipe: redis.client.Pipeline, record: JobRecord, now: float) -> dict[str, object]:
             pipe.set(self.round_key(job_id), round_.SerializeToString())
-            updates = {
+            self.store.xadd(pipe, job_id, opt.JobEvent(feedback_round=round_))
+            self.store.xadd(pipe, job_id, state_event(JobState.WAITING, record.state, f"round {round_.round} open"))
+            return {
                 "state": JobState.WAITING,
-                "segment": segment + 1,
-                "segment_deliveries": 0,
-                "lease_owner": "",
-                "lease_expiry": 0,
-                "run_seconds": run_seconds,
-                "updated": now,
                 "round_id": round_.round_id,
                 "round_expires": round_.expires_at.ToNanoseconds() / 1e9,
                 "round_answers": 0,
                 "round_required": round_.answers_required,
-                "deliver_round": "",
                 "rounds": record.rounds + 1,
             }
-            pipe.hset(self.store.job_key(job_id), mapping={k: encode_field(v) for k, v in updates.items()})
-            pipe.hdel(self.store.job_key(job_id), "retry_pending", "segment_retries")
-            self.store.xadd(pipe, job_id, opt.JobEvent(feedback_round=round_))
-            self.store.xadd(pipe, job_id, state_event(JobState.WAITING, record.state, f"round {round_.round} open"))
 
-        self.client.transaction(write, self.store.job_key(job_id))
+        self.store.advance(job_id, owner, segment, checkpoint, run_seconds, then=opening)
 
     def answers(self, job_id: str, round_id: str) -> list[opt.Interaction]:
         """The logged answers of one round, in the order they were recorded."""
@@ -197,10 +186,14 @@ class RoundStore:
         return [opt.Interaction.FromString(data) for data in self.client.lrange(self.log_key(job_id), 0, -1)]
 
     def rater_key(self) -> bytes:
-        """The deployment's pseudonym key: made at random on first use, the same for every process after."""
+        """The deployment's pseudonym key: made at random on first use, the same for every process after (read
+        once per process)."""
+        if self._rater_key is not None:
+            return self._rater_key
         key = f"{self.store.prefix}rater_key"
         self.client.set(key, secrets.token_bytes(32), nx=True)
         value = self.client.get(key)
         if value is None:
             raise RuntimeError(f"{key} vanished right after it was set")
-        return bytes(value)
+        self._rater_key = bytes(value)
+        return self._rater_key

@@ -236,19 +236,17 @@ class _Segment:
         self.store.append_event(self.job_id, opt.JobEvent(preview=opt.Preview(step=step, images=images)))
 
     def _next_segment(self, job_run: JobRun, run_seconds: float) -> str:
-        buffer = io.BytesIO()
-        torch.save(job_run.state_dict(), buffer)
+        checkpoint = _checkpoint(job_run)
         _send(self.context, self.record, self.segment + 1, 0.0)
-        self.store.advance(self.job_id, self.owner, self.segment, buffer.getvalue(), run_seconds)
+        self.store.advance(self.job_id, self.owner, self.segment, checkpoint, run_seconds)
         return "segment"
 
     def _open_round(self, job_run: JobRun, round_: Round, run_seconds: float) -> str:
         """Checkpoint, store the round and release the worker: the job waits, and an answer queues what follows."""
-        buffer = io.BytesIO()
-        torch.save(job_run.state_dict(), buffer)
         expires = time.time() + (round_.expires_in_s or self.settings.round_expiry_s)
         message = round_message(round_, secrets.token_hex(8), expires)
-        self.context.rounds.open_round(self.job_id, self.owner, self.segment, buffer.getvalue(), message, run_seconds)
+        checkpoint = _checkpoint(job_run)
+        self.context.rounds.open_round(self.job_id, self.owner, self.segment, checkpoint, message, run_seconds)
         return JobState.WAITING.value
 
     def _finish(self, job_run: JobRun, state: JobState, message: str, run_seconds: float, reason: str = "") -> str:
@@ -291,3 +289,10 @@ class _Segment:
         self.store.release(self.job_id, self.owner)
         _send(self.context, self.record, self.segment, delay)
         return "retry"
+
+
+def _checkpoint(job_run: JobRun) -> bytes:
+    """The run's state as `torch.save` bytes (tensors and plain values: read back with weights_only=True)."""
+    buffer = io.BytesIO()
+    torch.save(job_run.state_dict(), buffer)
+    return buffer.getvalue()

@@ -367,23 +367,35 @@ class JobStore:
         data = self.client.get(self.checkpoint_key(job_id))
         return bytes(data) if data is not None else None
 
-    def advance(self, job_id: str, owner: str, segment: int, checkpoint: bytes, run_seconds: float) -> None:
+    def advance(
+        self,
+        job_id: str,
+        owner: str,
+        segment: int,
+        checkpoint: bytes,
+        run_seconds: float,
+        then: Callable[[redis.client.Pipeline, JobRecord, float], Mapping[str, Any]] | None = None,
+    ) -> None:
         """Store the checkpoint, move the record to `segment + 1` and release the lease, atomically and only while
-        the lease is ours (raises LeaseLost otherwise, and writes nothing)."""
+        the lease is ours (raises LeaseLost otherwise, and writes nothing). `then(pipe, record, now)` may queue more
+        writes in the same transaction and returns further record fields (a round opening: `RoundStore`)."""
 
         def write(pipe: redis.client.Pipeline) -> None:
-            self.require_lease(pipe, job_id, owner)
+            record = self.require_lease(pipe, job_id, owner)
+            now = redis_time(pipe)
             pipe.multi()
             pipe.set(self.checkpoint_key(job_id), checkpoint)
-            updates = {
+            updates: dict[str, Any] = {
                 "segment": segment + 1,
                 "segment_deliveries": 0,
                 "lease_owner": "",
                 "lease_expiry": 0,
                 "run_seconds": run_seconds,
-                "updated": time.time(),
+                "updated": now,
                 "deliver_round": "",  # this checkpoint holds the round's answers
             }
+            if then is not None:
+                updates |= then(pipe, record, now)
             pipe.hset(self.job_key(job_id), mapping={k: encode_field(v) for k, v in updates.items()})
             pipe.hdel(self.job_key(job_id), "retry_pending", "segment_retries")
 
