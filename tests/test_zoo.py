@@ -8,12 +8,16 @@ import torch
 
 from gansteer_server.algorithms.set_metrics import precision_recall
 from gansteer_server.config import BUILTIN_REGISTRY
+from gansteer_server.data.scenes import render_scenes
 from gansteer_server.models import ModelRegistry, OnnxModel
 from gansteer_server.models.architectures.scenes import ScenesDiscriminator, ScenesGenerator
-from gansteer_server.zoo.evaluate import SNAPSHOT_PREFIX
+from gansteer_server.zoo.evaluate import EVAL_SEED, SNAPSHOT_PREFIX, predict
+from gansteer_server.zoo.train_classifiers import CLASSIFIERS as CLASSIFIER_SPECS
+from gansteer_server.zoo.train_classifiers import images_to_tensor
 from gansteer_server.zoo.train_gan import GanTrainingConfig, initial_weights
 
-CLASSIFIERS = {"scenes-clf": 10, "scenes-judge": 10, "scenes-clf-alt": 3}
+CLASSIFIERS = {"scenes-clf": 10, "scenes-judge": 10, "scenes-clf-alt": 3, "scenes-judge-alt": 3}
+JUDGES = {"scenes-judge": "scenes-clf", "scenes-judge-alt": "scenes-clf-alt"}  # judge: the classifier it judges
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +83,21 @@ def test_classifiers_shapes_and_features(zoo: ModelRegistry, name: str) -> None:
     assert logits.shape == (3, CLASSIFIERS[name])
     assert {"stage1", "stage2", "stage3", "penultimate"} <= set(features)
     assert features["penultimate"].ndim == 2
+
+
+@pytest.mark.parametrize("judge", sorted(JUDGES))
+def test_each_judge_is_another_model_of_the_labels_it_judges(zoo: ModelRegistry, judge: str) -> None:
+    """A job that optimises against a classifier is judged by a model its result cannot have exploited: the same
+    labels, another architecture, another training seed; on real scenes the two agree because both are right."""
+    target, specs = JUDGES[judge], {spec.name: spec for spec in CLASSIFIER_SPECS}
+    assert zoo.card(judge).class_names == zoo.card(target).class_names
+    assert zoo.card(judge).architecture != zoo.card(target).architecture
+    assert specs[judge].seed != specs[target].seed
+    scenes = render_scenes(300, seed=EVAL_SEED)
+    truth = torch.from_numpy(scenes.labels if specs[judge].label_set == "class" else scenes.times)
+    images = images_to_tensor(scenes.images)
+    judged, optimised = predict(zoo.load(judge), images), predict(zoo.load(target), images)
+    assert (judged == truth).float().mean() > 0.98 and (optimised == truth).float().mean() > 0.98
 
 
 @pytest.mark.parametrize("name", ["scenes-gen", *sorted(CLASSIFIERS)])

@@ -1,7 +1,7 @@
 """`make zoo`: reproduce the built-in models from scratch and register them with cards, safetensors weights and
 ONNX exports in the zoo shipped inside the package.
 
-Steps, each skipped when its output exists (so an interrupted run resumes): train the three classifiers, train the
+Steps, each skipped when its output exists (so an interrupted run resumes): train the four classifiers, train the
 GAN (resuming from its checkpoint), then export: the generator's EMA weights with standing batch-norm statistics,
 spectral norm folded into plain weights, and register every model, with the GAN's early training snapshots as
 `scenes-gen-step<N>`.
@@ -109,11 +109,13 @@ def register(registry: ModelRegistry, name: str, card: dict[str, Any], module: n
         print(f"registered {entry.ref} in {entry.folder}", flush=True)
 
 
-def build(work_dir: Path, registry_root: Path, gan_minutes: float | None, replace: bool) -> None:
-    classifier_dir = work_dir / "classifiers"
+def trained_classifiers(
+    classifier_dir: Path, specs: tuple[train_classifiers.ClassifierSpec, ...]
+) -> dict[str, tuple[train_classifiers.ClassifierSpec, nn.Module, float]]:
+    """Each classifier with its held-out accuracy, trained unless `classifier_dir` holds its weights already."""
     classifier_dir.mkdir(parents=True, exist_ok=True)
     classifiers: dict[str, tuple[train_classifiers.ClassifierSpec, nn.Module, float]] = {}
-    for spec in train_classifiers.CLASSIFIERS:
+    for spec in specs:
         weights = classifier_dir / f"{spec.name}.safetensors"
         if not weights.exists():
             model, held_out = train_classifiers.train_classifier(spec)
@@ -122,6 +124,39 @@ def build(work_dir: Path, registry_root: Path, gan_minutes: float | None, replac
         model = build_architecture(spec.architecture, **spec.architecture_kwargs)
         model.load_state_dict(load_file(str(weights)))
         classifiers[spec.name] = (spec, model.eval(), float((classifier_dir / f"{spec.name}.accuracy").read_text()))
+    return classifiers
+
+
+def register_classifier(
+    registry: ModelRegistry, spec: train_classifiers.ClassifierSpec, model: nn.Module, held_out: float
+) -> None:
+    with tempfile.TemporaryDirectory() as temp:
+        onnx = Path(temp) / f"{spec.name}.onnx"
+        export_onnx(model, (torch.zeros(2, 3, 32, 32),), ["images"], "logits", onnx)
+        description = (
+            f"Classifier of the scenes' {spec.label_set} labels; `features()` exposes stage1..stage3 and the "
+            f"penultimate vector. {spec.purpose}"
+        )
+        register(
+            registry,
+            spec.name,
+            {
+                "kind": "classifier",
+                "architecture": spec.architecture,
+                "architecture_kwargs": spec.architecture_kwargs,
+                "num_classes": len(spec.label_names),
+                "class_names": list(spec.label_names),
+                **_IMAGES,
+                "metrics": {"held_out_accuracy": held_out},
+                "description": description.strip(),
+            },
+            model,
+            onnx,
+        )
+
+
+def build(work_dir: Path, registry_root: Path, gan_minutes: float | None, replace: bool) -> None:
+    classifiers = trained_classifiers(work_dir / "classifiers", train_classifiers.CLASSIFIERS)
 
     config = train_gan.GanTrainingConfig()
     checkpoint = train_gan.train(config, work_dir / "gan", gan_minutes)
@@ -138,27 +173,16 @@ def build(work_dir: Path, registry_root: Path, gan_minutes: float | None, replac
     registry = ModelRegistry([registry_root])
     register_gan(registry, work_dir / "gan")
     register_snapshots(registry, work_dir / "gan")
-    with tempfile.TemporaryDirectory() as temp:
-        for name, (spec, model, held_out) in classifiers.items():
-            onnx = Path(temp) / f"{name}.onnx"
-            export_onnx(model, (torch.zeros(2, 3, 32, 32),), ["images"], "logits", onnx)
-            register(
-                registry,
-                name,
-                {
-                    "kind": "classifier",
-                    "architecture": spec.architecture,
-                    "architecture_kwargs": spec.architecture_kwargs,
-                    "num_classes": len(spec.label_names),
-                    "class_names": list(spec.label_names),
-                    **_IMAGES,
-                    "metrics": {"held_out_accuracy": held_out},
-                    "description": f"Classifier of the scenes' {spec.label_set} labels; `features()` exposes "
-                    "stage1..stage3 and the penultimate vector.",
-                },
-                model,
-                onnx,
-            )
+    for spec, model, held_out in classifiers.values():
+        register_classifier(registry, spec, model, held_out)
+
+
+def register_new_classifiers(registry: ModelRegistry, classifier_dir: Path) -> None:
+    """Train and register the classifiers of `train_classifiers.CLASSIFIERS` that the registry lacks (one added to
+    the zoo), leaving every registered model as it is."""
+    specs = tuple(s for s in train_classifiers.CLASSIFIERS if not registry.versions(s.name))
+    for spec, model, held_out in trained_classifiers(classifier_dir, specs).values():
+        register_classifier(registry, spec, model, held_out)
 
 
 def _step(checkpoint: Path) -> int:
@@ -246,11 +270,19 @@ def main() -> None:
     parser.add_argument(
         "--snapshots-only", action="store_true", help="only register the snapshots found in WORK_DIR/gan"
     )
+    parser.add_argument(
+        "--new-classifiers-only",
+        action="store_true",
+        help="only train (into WORK_DIR/classifiers) and register the classifiers the registry lacks",
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.snapshots_only:
         register_snapshots(ModelRegistry([args.registry]), args.work_dir / "gan")
+        return
+    if args.new_classifiers_only:
+        register_new_classifiers(ModelRegistry([args.registry]), args.work_dir / "classifiers")
         return
     build(args.work_dir, args.registry, args.gan_minutes, replace=not args.keep)
 

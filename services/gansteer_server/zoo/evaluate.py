@@ -52,23 +52,36 @@ def save_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 2) -> No
     image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
 
 
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    return torch.cat([model(images[i : i + batch]).argmax(1) for i in range(0, len(images), batch)])
+
+
+def generate_every_class(generator: torch.nn.Module, per_class: int) -> torch.Tensor:
+    """The generated samples every generator figure is measured on: `per_class` of each class in class order."""
+    return torch.cat([generate(generator, c, per_class, seed=c) for c in range(len(CLASS_NAMES))])
+
+
 @dataclasses.dataclass(frozen=True)
 class Instruments:
-    """What every generator is measured with: the three classifiers and two independent real sets."""
+    """What every generator is measured with: the four classifiers and two independent real sets."""
 
     classifier: torch.nn.Module
     judge: torch.nn.Module
     alt: torch.nn.Module
+    judge_alt: torch.nn.Module
     held_out: Scenes
     second_real: torch.Tensor
 
     @classmethod
     def load(cls, registry: ModelRegistry) -> Instruments:
-        classifier, judge, alt = (registry.load(n) for n in ("scenes-clf", "scenes-judge", "scenes-clf-alt"))
+        names = ("scenes-clf", "scenes-judge", "scenes-clf-alt", "scenes-judge-alt")
+        classifier, judge, alt, judge_alt = (registry.load(n) for n in names)
         return cls(
             classifier,
             judge,
             alt,
+            judge_alt,
             render_scenes(10_000, seed=EVAL_SEED),
             images_to_tensor(render_scenes(10_000, seed=SECOND_REAL_SEED).images),
         )
@@ -83,7 +96,7 @@ def measure_generator(
     real = images_to_tensor(instruments.held_out.images)
     real_labels = torch.from_numpy(instruments.held_out.labels)
     real_times = torch.from_numpy(instruments.held_out.times)
-    generated = torch.cat([generate(generator, c, per_class, seed=c) for c in range(len(CLASS_NAMES))])
+    generated = generate_every_class(generator, per_class)
     generated_labels = torch.arange(len(CLASS_NAMES)).repeat_interleave(per_class)
     real_features, generated_features = features.embed(real), features.embed(generated)
     per_class_figures: dict[str, dict[str, float]] = {}
@@ -104,8 +117,7 @@ def measure_generator(
         }
     figures: dict[str, Any] = {}
     # The second label set as a coverage probe: do generated scenes keep the data's mix of day, dusk and night?
-    with torch.no_grad():
-        generated_times = torch.cat([alt(generated[i : i + 500]).argmax(1) for i in range(0, len(generated), 500)])
+    generated_times = predict(alt, generated)
     figures["time_of_day_share"] = {
         name: {
             "generated": float((generated_times == t).float().mean()),
@@ -134,6 +146,28 @@ def measure_generator(
     return figures
 
 
+def time_of_day_judges(generator: torch.nn.Module, instruments: Instruments, per_class: int = 1000) -> dict[str, Any]:
+    """How independently `scenes-judge-alt` judges what `scenes-clf-alt` is optimised for: its time-of-day shares
+    of the samples of `time_of_day_share` beside `scenes-clf-alt`'s, and how often the two agree. Measured on every
+    run (seconds), so the generators' cards need not hold it."""
+    real = images_to_tensor(instruments.held_out.images)
+    generated = generate_every_class(generator, per_class)
+    alt_generated, judge_generated = predict(instruments.alt, generated), predict(instruments.judge_alt, generated)
+    return {
+        "share_generated": {
+            name: {
+                "scenes-clf-alt": float((alt_generated == t).float().mean()),
+                "scenes-judge-alt": float((judge_generated == t).float().mean()),
+            }
+            for t, name in enumerate(TIME_NAMES)
+        },
+        "agreement_real": float(
+            (predict(instruments.alt, real) == predict(instruments.judge_alt, real)).float().mean()
+        ),
+        "agreement_generated": float((alt_generated == judge_generated).float().mean()),
+    }
+
+
 def evaluate(
     registry_root: Path,
     docs: Path,
@@ -146,10 +180,12 @@ def evaluate(
     instruments = Instruments.load(registry)
     real = images_to_tensor(instruments.held_out.images)
     real_labels = torch.from_numpy(instruments.held_out.labels)
+    real_times = torch.from_numpy(instruments.held_out.times)
     figures: dict[str, Any] = {
         "classifier_accuracy": accuracy(instruments.classifier, real, real_labels),
         "judge_accuracy": accuracy(instruments.judge, real, real_labels),
-        "alt_classifier_accuracy": accuracy(instruments.alt, real, torch.from_numpy(instruments.held_out.times)),
+        "alt_classifier_accuracy": accuracy(instruments.alt, real, real_times),
+        "judge_alt_accuracy": accuracy(instruments.judge_alt, real, real_times),
     }
     print(f"classifiers: {figures}", flush=True)
     # A registered version's weights never change, so a generator measured once with these sample sizes is read
@@ -163,8 +199,10 @@ def evaluate(
         return measure_generator(registry.load(ref), instruments, per_class, set_size)
 
     generator_ref = registry.resolve("scenes-gen").card.ref
+    generator = registry.load(generator_ref)
     figures["generator"] = generator_ref
     figures.update(measured(generator_ref))
+    figures["time_of_day_judges"] = time_of_day_judges(generator, instruments, per_class)
     figures["weights_mb"] = sum(f.stat().st_size for f in registry_root.rglob("*") if f.is_file()) / 2**20
     print(json.dumps({k: v for k, v in figures.items() if k != "per_class"}, indent=1), flush=True)
     # The training snapshots: weaker generators for tests and forking analyses, with the same samples.
@@ -175,7 +213,6 @@ def evaluate(
             figures["snapshots"][card.name] = {"step": card.extra["step"], **_summary(snapshot_figures[card.ref])}
             print(f"{card.name}: {figures['snapshots'][card.name]}", flush=True)
 
-    generator = registry.load(generator_ref)
     docs.mkdir(parents=True, exist_ok=True)
     columns = 10
     save_grid(
@@ -209,17 +246,26 @@ def _summary(figures: dict[str, Any]) -> dict[str, float]:
 
 def _write_cards(registry: ModelRegistry, figures: dict[str, Any], snapshot_figures: dict[str, dict[str, Any]]) -> None:
     """Record the figures in each shipped card (the zoo's own folders; registered versions are otherwise immutable)."""
-    generator_keys = [
-        k
-        for k in figures
-        if k not in ("classifier_accuracy", "judge_accuracy", "alt_classifier_accuracy", "generator", "snapshots")
-    ]
+    not_the_generators = (
+        "classifier_accuracy",
+        "judge_accuracy",
+        "alt_classifier_accuracy",
+        "judge_alt_accuracy",
+        "time_of_day_judges",
+        "generator",
+        "snapshots",
+    )
+    generator_keys = [k for k in figures if k not in not_the_generators]
     updates = {
         figures["generator"]: {k: figures[k] for k in generator_keys},
         **snapshot_figures,
         "scenes-clf": {"held_out_accuracy": figures["classifier_accuracy"]},
         "scenes-judge": {"held_out_accuracy": figures["judge_accuracy"]},
         "scenes-clf-alt": {"held_out_accuracy": figures["alt_classifier_accuracy"]},
+        "scenes-judge-alt": {
+            "held_out_accuracy": figures["judge_alt_accuracy"],
+            "agreement_with_scenes_clf_alt": figures["time_of_day_judges"]["agreement_real"],
+        },
     }
     for name, metrics in updates.items():
         entry = registry.resolve(name)
@@ -250,7 +296,8 @@ def render_markdown(figures: dict[str, Any]) -> str:
         "",
         f"Classifiers on held-out real scenes: scenes-clf {figures['classifier_accuracy']:.4f}, "
         f"scenes-judge {figures['judge_accuracy']:.4f}, scenes-clf-alt (time of day) "
-        f"{figures['alt_classifier_accuracy']:.4f}. Shipped weights: {figures['weights_mb']:.1f} MB.",
+        f"{figures['alt_classifier_accuracy']:.4f}, scenes-judge-alt (time of day) "
+        f"{figures['judge_alt_accuracy']:.4f}. Shipped weights: {figures['weights_mb']:.1f} MB.",
         "",
         "## Per class",
         "",
@@ -267,17 +314,23 @@ def render_markdown(figures: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {f['judge_accuracy']:.3f} | {f['diversity_ratio']:.3f} | {f['pixel_diversity_ratio']:.3f} |"
         )
+    judges = figures["time_of_day_judges"]
     lines += [
         "",
         "## Time of day",
         "",
-        "The second label set, judged by `scenes-clf-alt`, as a coverage probe the generator was not trained on:",
+        "The second label set, judged by `scenes-clf-alt`, as a coverage probe the generator was not trained on; "
+        "beside it the same samples judged by `scenes-judge-alt` (another architecture and seed, the judge of jobs "
+        "that optimise against `scenes-clf-alt`). The two agree on "
+        f"{judges['agreement_real']:.4f} of the held-out real scenes and {judges['agreement_generated']:.4f} of the "
+        "generated ones:",
         "",
-        "| time of day | share of generated | share of real |",
-        "| --- | --- | --- |",
+        "| time of day | share of generated (scenes-clf-alt) | share of generated (scenes-judge-alt) | share of real |",
+        "| --- | --- | --- | --- |",
     ]
     for name, share in figures["time_of_day_share"].items():
-        lines.append(f"| {name} | {share['generated']:.3f} | {share['real']:.3f} |")
+        judged = judges["share_generated"][name]["scenes-judge-alt"]
+        lines.append(f"| {name} | {share['generated']:.3f} | {judged:.3f} | {share['real']:.3f} |")
     if figures["snapshots"]:
         lines += [
             "",

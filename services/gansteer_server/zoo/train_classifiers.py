@@ -1,6 +1,7 @@
 """Train the built-in classifiers on rendered scenes: `scenes-clf` (the optimisation target and built-in feature
-extractor), `scenes-judge` (another architecture and seed, used only to judge jobs) and `scenes-clf-alt` (the
-second label set, time of day). Each trains in minutes on two CPU cores.
+extractor), `scenes-judge` (another architecture and seed, used only to judge jobs), `scenes-clf-alt` (the
+second label set, time of day) and `scenes-judge-alt` (its judge, as `scenes-judge` is `scenes-clf`'s). Each trains
+in minutes on two CPU cores.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class ClassifierSpec:
     steps: int = 1500
     batch_size: int = 128
     lr: float = 2e-3
+    purpose: str = ""  # a sentence for the card, after what the classifier classifies
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -48,6 +50,16 @@ CLASSIFIERS: tuple[ClassifierSpec, ...] = (
         seed=3,
         architecture_kwargs={"num_classes": 3, "widths": [16, 32, 64]},
         steps=600,
+    ),
+    ClassifierSpec(
+        "scenes-judge-alt",
+        "scenes_resnet",
+        "time",
+        seed=4,
+        architecture_kwargs={"num_classes": 3, "widths": [16, 32, 64]},
+        steps=600,
+        purpose="The independent judge of jobs that optimise against `scenes-clf-alt` (another architecture and "
+        "seed, the same labels): never optimise against it.",
     ),
 )
 
