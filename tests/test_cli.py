@@ -155,6 +155,30 @@ def test_refusals_map_to_exit_codes(up: dict[str, Any], tmp_path: Path) -> None:
     assert gansteer(*up["args"], "generate", "no-such-model", "--out", str(tmp_path)).returncode == 4
 
 
+def test_am_arguments_and_refusals(up: dict[str, Any]) -> None:
+    """`gansteer am` needs exactly one target; the SDK's checks and the server's refusals exit 3 in one line (or one
+    JSON document) naming the field."""
+    assert gansteer("am", "scenes-gen").returncode == 2  # neither --class nor --new-label
+    assert gansteer("am", "scenes-gen", "--class", "forest", "--new-label", "dusk").returncode == 2
+    assert gansteer("am", "scenes-gen", "--class", "forest", "--init", "original").returncode == 2
+    checked = gansteer(*up["args"], "am", "scenes-gen", "--class", "forest", "--trials", "-1")
+    assert checked.returncode == 3 and checked.stderr.splitlines() == [
+        "gansteer: trials: must be a whole number >= 0 (0: the server's default), got -1"
+    ]
+    refusals = {
+        "target_class": ["--class", "glacier"],
+        "judge": ["--class", "forest", "--classifier", "scenes-clf", "--judge", "scenes-clf"],
+        "init": ["--new-label", "dusk", "--classifier", "scenes-clf-alt", "--init", "target"],
+        "diversity_space": ["--class", "forest", "--diversity-weight", "2"],
+    }
+    for field, arguments in refusals.items():
+        refused = gansteer(*up["args"], "am", "scenes-gen", *arguments, "--dry-run", "--json")
+        assert refused.returncode == 3, (field, refused.stdout, refused.stderr)
+        error = json.loads(refused.stdout)["error"]
+        assert error["type"] == "InvalidArgument"
+        assert error["details"][0]["field"] in (f"spec.embedding_am.{field}", field)
+
+
 def test_ctrl_c_cancels_the_submitted_job(up: dict[str, Any], tmp_path: Path) -> None:
     target = tmp_path / "target.png"
     Image.new("RGB", (32, 32), "navy").save(target)

@@ -39,6 +39,8 @@ from gansteer.errors import (
 )
 from gansteer.job import Job
 from gansteer.kinds import (
+    EmbeddingAMOptions,
+    EmbeddingAMResult,
     EvolutionOptions,
     EvolutionResult,
     InversionOptions,
@@ -93,6 +95,8 @@ __all__ = [
     "Client",
     "CriterionCurve",
     "DeadlineExceeded",
+    "EmbeddingAMOptions",
+    "EmbeddingAMResult",
     "ErrorDetail",
     "EvolutionOptions",
     "EvolutionResult",

@@ -33,6 +33,7 @@ from gansteer.errors import (
     Unavailable,
 )
 from gansteer.kinds import result_type
+from gansteer.kinds.embedding_am import EMBEDDING_AM, EmbeddingAMOptions, embedding_am_spec
 from gansteer.kinds.evolution import EVOLUTION, EvolutionOptions, evolution_spec
 from gansteer.kinds.inversion import INVERSION, InversionOptions, inversion_spec
 from gansteer.kinds.latent_search import LATENT_SEARCH, LatentSearchOptions, latent_search_spec
@@ -170,6 +171,10 @@ class Core:
         named_class = _specs.needs_card(list(options.get("classes", ())))
         card = (yield from self.model(model)) if named_class else None
         return (yield from self.submit(latent_search_spec(model=model, card=card, **options)))
+
+    def embedding_am(self, *, model: str, options: EmbeddingAMOptions) -> Steps[tuple[str, str]]:
+        EMBEDDING_AM.check(options)  # the server resolves class names itself: no card is fetched
+        return (yield from self.submit(embedding_am_spec(model=model, **options)))
 
     def submit(self, spec: optimization_pb2.JobSpec) -> Steps[tuple[str, str]]:
         """(job id, kind). Repeated on UNAVAILABLE only with an idempotency key, since only then is a repeat

@@ -32,7 +32,7 @@ from gansteer._steps import Await, Call, Emit, Feed, Service, Sleep, Steps, Stre
 from gansteer._transport import CHANNEL_OPTIONS, DEFAULT_TARGET, auth_metadata, resolve_targets
 from gansteer.client import STUBS
 from gansteer.errors import GansteerError, from_rpc_error
-from gansteer.kinds import EvolutionOptions, InversionOptions, LatentSearchOptions
+from gansteer.kinds import EmbeddingAMOptions, EvolutionOptions, InversionOptions, LatentSearchOptions
 from gansteer.types import (
     Answer,
     AsyncRater,
@@ -231,6 +231,11 @@ class AsyncClient:
     async def latent_search(self, *, model: str, **options: Unpack[LatentSearchOptions]) -> AsyncJob:
         """Submits a latent search; the options are those of `Client.latent_search`."""
         job_id, kind = await self._run(self._core.latent_search(model=model, options=options))
+        return AsyncJob(self, job_id, kind=kind)
+
+    async def embedding_am(self, *, model: str, **options: Unpack[EmbeddingAMOptions]) -> AsyncJob:
+        """Submits an embedding activation maximisation; the options are those of `Client.embedding_am`."""
+        job_id, kind = await self._run(self._core.embedding_am(model=model, options=options))
         return AsyncJob(self, job_id, kind=kind)
 
     async def submit(self, spec: optimization_pb2.JobSpec) -> AsyncJob:

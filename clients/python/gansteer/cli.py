@@ -1,5 +1,5 @@
 """`gansteer`: the command line over the SDK: start a local stack, list models, job kinds and optimizers, generate,
-invert, evolve, search latents, manage jobs.
+invert, evolve, search latents, learn class embeddings, manage jobs.
 
 Scripts rely on two things: `--json` (one JSON document on stdout; `jobs watch --json` writes one per event) and the
 exit codes, which say what went wrong without parsing messages:
@@ -30,6 +30,7 @@ from gansteer._transport import DEFAULT_TARGET
 from gansteer.client import Client
 from gansteer.images import image_grid, save_inversion
 from gansteer.job import Job
+from gansteer.kinds.embedding_am import INITS, EmbeddingAMOptions, EmbeddingAMResult
 from gansteer.kinds.evolution import EvolutionOptions
 from gansteer.kinds.inversion import DEFAULT_BUDGET, InversionOptions
 from gansteer.kinds.latent_search import DEFAULT_BUDGET as SEARCH_BUDGET
@@ -447,6 +448,101 @@ def cmd_search(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# `gansteer am` options passed to `Client.embedding_am` under the same name when given.
+_AM_OPTIONS = (
+    "target_class",
+    "new_label",
+    "classifier",
+    "init",
+    "top_k",
+    "init_sigma",
+    "optimizer",
+    "learning_rate",
+    "steps",
+    "latents_per_step",
+    "resample_every",
+    "clamp_min",
+    "clamp_max",
+    "trials",
+    "diversity_weight",
+    "diversity_space",
+    "diversity_pairs",
+    "judge",
+    "feature_extractor",
+    "eval_samples",
+    "accuracy_tolerance",
+    "register_as",
+    "seed",
+    "backend",
+)
+
+
+def _am_lines(result: EmbeddingAMResult) -> list[str]:
+    """The per-trial table (accuracy by the optimised classifier and the judge, diversity; `*` marks the chosen
+    trial), the before/after line and the registered version."""
+
+    def cell(metrics: Mapping[str, float], name: str) -> str:
+        return f"{metrics[name]:>13.4f}" if name in metrics else f"{'-':>13}"
+
+    columns = ("classifier_accuracy", "judge_accuracy", "ms_ssim_3s_k7", "lpips_builtin")
+    header = f"{'trial':>5} {'classifier':>13} {'judge':>13} {'ms_ssim_3s_k7':>13} {'lpips_builtin':>13}"
+    lines = [header]
+    for i, trial in enumerate(result.trials):
+        lines.append(
+            f"{i:>5} " + " ".join(cell(trial.metrics, name) for name in columns) + (" *" if trial.chosen else "")
+        )
+    short = dict(zip(columns, ("accuracy", "judge", "ms_ssim", "lpips"), strict=True))
+
+    def summary(metrics: Mapping[str, float]) -> str:
+        return ", ".join(f"{short[name]} {metrics[name]:.4f}" for name in columns if name in metrics)
+
+    lines.append(f"before: {summary(result.before)} -> after (trial {result.chosen}): {summary(result.after)}")
+    lines.append(f"registered: {result.registered}" if result.registered else "registered: nothing (dry run)")
+    return lines
+
+
+def cmd_am(args: argparse.Namespace) -> int:
+    given = {name: getattr(args, name) for name in _AM_OPTIONS if getattr(args, name) is not None}
+    options = cast(EmbeddingAMOptions, given)
+    if args.dry_run:
+        options["dry_run"] = True
+    with _client(args) as client:
+        job = client.embedding_am(model=args.generator, **options)
+        if args.no_wait:
+            _emit(args, {"job_id": job.id, "state": "queued"}, lambda: job.id)
+            return EXIT_OK
+        if not args.json:
+            print(f"submitted job {job.id}", file=sys.stderr)
+        try:
+            job.wait(progress=not args.json and not args.quiet)
+        except KeyboardInterrupt:
+            job.cancel("interrupted from the command line")
+            print(f"cancelled job {job.id}", file=sys.stderr)
+            raise
+        result = cast(EmbeddingAMResult, job.result(wait=False))
+    trials = [{"metrics": t.metrics, "chosen": t.chosen} for t in result.trials]
+    document: dict[str, Any] = {
+        "job_id": job.id,
+        "trials": trials,
+        "chosen": result.chosen,
+        "before": result.before,
+        "after": result.after,
+        "registered": result.registered,
+    }
+    lines = [f"job {job.id} succeeded", *_am_lines(result)]
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        header = ["before", *(f"trial {i}" + (" *" if i == result.chosen else "") for i in range(len(trials)))]
+        rows = [list(samples) for samples in zip(*result.grid, strict=True)]  # a column per embedding, the same z
+        image_grid(rows, header=header).save(out / "grid.png")
+        np.save(out / "embedding.npy", result.trials[result.chosen].embedding)
+        document["files"] = {"grid": out / "grid.png", "embedding": out / "embedding.npy"}
+        lines += [f"grid: {out / 'grid.png'}", f"embedding: {out / 'embedding.npy'}"]
+    _emit(args, document, lambda: "\n".join(lines))
+    return EXIT_OK
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from gansteer.up import run_up
 
@@ -594,6 +690,37 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--backend", choices=["local", "remote"])
     search.add_argument("--out", help="write results, grid.png, latents.npy, metrics.json here")
     search.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+
+    am = command("am", "learn a class embedding a classifier recognises (embedding AM, seed 001)", cmd_am)
+    am.add_argument("generator", help="class-conditional generator, name or name@version")
+    target = am.add_mutually_exclusive_group(required=True)
+    target.add_argument("--class", dest="target_class", metavar="NAME", help="a generator class (name or id)")
+    target.add_argument("--new-label", metavar="NAME", help="a classifier label the generator lacks (e.g. dusk)")
+    am.add_argument("--classifier", help="the optimised classifier (default: the generator card's)")
+    am.add_argument("--init", choices=INITS, help="starting point (default: target for --class, mean otherwise)")
+    am.add_argument("--top-k", type=int, help="k of --init top-k (server default 5)")
+    am.add_argument("--init-sigma", type=float, help="the starting noise's standard deviation (0.1)")
+    am.add_argument("--optimizer", help="a gradient optimizer (default adam)")
+    am.add_argument("--learning-rate", type=float, help="default 0.01 for init target, 0.1 otherwise")
+    am.add_argument("--steps", type=int, help="optimizer steps (200)")
+    am.add_argument("--latents-per-step", type=int, help="latents per trial per step (20)")
+    am.add_argument("--resample-every", type=int, help="redraw the latents every this many steps (20)")
+    am.add_argument("--clamp-min", type=float, help="default: the embedding table's minimum")
+    am.add_argument("--clamp-max", type=float, help="default: the embedding table's maximum")
+    am.add_argument("--trials", type=int, help="independent trials, stepped together (5)")
+    am.add_argument("--diversity-weight", type=float, help="lambda of the diversity term (0: none)")
+    am.add_argument("--diversity-space", choices=["pixel", "features", "softmax"], help="its space")
+    am.add_argument("--diversity-pairs", type=int, help="pairs of latents in the term per step (10)")
+    am.add_argument("--judge", help="a classifier the job does not optimise (default: the cards' judge)")
+    am.add_argument("--feature-extractor", help="the feature space of lpips_builtin (default: the card's)")
+    am.add_argument("--eval-samples", type=int, help="samples per trial for the metrics (200)")
+    am.add_argument("--accuracy-tolerance", type=float, help="accuracy given up for diversity when choosing (0.05)")
+    am.add_argument("--register-as", metavar="NAME", help="register the chosen embedding under this name")
+    am.add_argument("--dry-run", action="store_true", help="only report: register nothing")
+    am.add_argument("--seed", type=int)
+    am.add_argument("--backend", choices=["local", "remote"])
+    am.add_argument("--out", help="write grid.png (before/after, the same z) and the chosen embedding.npy here")
+    am.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
 
     jobs = command("jobs", "list, watch, cancel jobs and fetch their results", lambda _args: EXIT_USAGE)
     job_commands = jobs.add_subparsers(dest="jobs_command", required=True, metavar="JOBS_COMMAND")

@@ -24,7 +24,7 @@ from gansteer._steps import Await, Call, Emit, Feed, Service, Sleep, Steps, Stre
 from gansteer._transport import CHANNEL_OPTIONS, DEFAULT_TARGET, auth_metadata, resolve_targets
 from gansteer.errors import GansteerError, from_rpc_error
 from gansteer.job import Job
-from gansteer.kinds import EvolutionOptions, InversionOptions, LatentSearchOptions
+from gansteer.kinds import EmbeddingAMOptions, EvolutionOptions, InversionOptions, LatentSearchOptions
 from gansteer.types import (
     Answer,
     ChoiceAction,
@@ -279,6 +279,20 @@ class Client:
         Returns at once with the job.
         """
         job_id, kind = self._run(self._core.latent_search(model=model, options=options))
+        return Job(self, job_id, kind=kind)
+
+    def embedding_am(self, *, model: str, **options: Unpack[EmbeddingAMOptions]) -> Job:
+        """Submits an embedding activation maximisation (seed 001) on class-conditional generator `model`: learn
+        one class embedding row, with the generator frozen, so that a classifier recognises its samples as the target.
+
+        Exactly one of `target_class` (a generator class, id or name: its row is learned anew) and `new_label` (a
+        classifier label the generator was not trained on, e.g. `dusk` of `scenes-clf-alt`: a row is added) is
+        required. `options` (see `EmbeddingAMOptions`): `classifier`, `init` (`target`, `mean`, `top-k`, `random`),
+        `trials` (5, stepped together), `steps` (200), `diversity_weight` with `diversity_space` (Eq. 2.1), `judge`,
+        `register_as`, `dry_run`, `seed`, ... The result (`EmbeddingAMResult`) has every trial's row and metrics,
+        the chosen one, before/after metrics and grid, and the registered version. Returns at once with the job.
+        """
+        job_id, kind = self._run(self._core.embedding_am(model=model, options=options))
         return Job(self, job_id, kind=kind)
 
     def submit(self, spec: optimization_pb2.JobSpec) -> Job:

@@ -10,6 +10,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from gansteer.kinds._common import Kind
+from gansteer.kinds.embedding_am import (
+    EMBEDDING_AM,
+    AMTrial,
+    EmbeddingAMOptions,
+    EmbeddingAMResult,
+    embedding_am_spec,
+)
 from gansteer.kinds.evolution import EVOLUTION, EvolutionOptions, EvolutionResult, evolution_spec
 from gansteer.kinds.inversion import INVERSION, InversionOptions, InversionResult, inversion_spec
 from gansteer.kinds.latent_search import (
@@ -20,7 +27,7 @@ from gansteer.kinds.latent_search import (
 )
 from gansteer.types import JobResult
 
-KINDS: Mapping[str, Kind] = {kind.name: kind for kind in (INVERSION, EVOLUTION, LATENT_SEARCH)}
+KINDS: Mapping[str, Kind] = {kind.name: kind for kind in (INVERSION, EVOLUTION, LATENT_SEARCH, EMBEDDING_AM)}
 
 
 def result_type(kind: str) -> type[JobResult]:
@@ -30,6 +37,9 @@ def result_type(kind: str) -> type[JobResult]:
 
 __all__ = [
     "KINDS",
+    "AMTrial",
+    "EmbeddingAMOptions",
+    "EmbeddingAMResult",
     "EvolutionOptions",
     "EvolutionResult",
     "InversionOptions",
@@ -37,6 +47,7 @@ __all__ = [
     "Kind",
     "LatentSearchOptions",
     "LatentSearchResult",
+    "embedding_am_spec",
     "evolution_spec",
     "inversion_spec",
     "latent_search_spec",
