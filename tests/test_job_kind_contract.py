@@ -114,7 +114,57 @@ def _search_bad_mutation(spec: S.JobSpec) -> None:
     spec.latent_search.optimizer.options.update({"mutation": 1.0})
 
 
+def _am_spec() -> S.JobSpec:
+    """Three trials of embedding AM on the tiny generator's class 1 with the softmax diversity term."""
+    spec = S.EmbeddingAMSpec(
+        generator=common_pb2.ModelRef(name=GEN),
+        classifier=common_pb2.ModelRef(name=CLF),
+        target_class="1",
+        trials=3,
+        steps=6,
+        latents_per_step=4,
+        resample_every=2,
+        diversity_weight=0.5,
+        diversity_space=S.DIVERSITY_SPACE_SOFTMAX,
+        diversity_pairs=2,
+        eval_samples=8,
+        dry_run=True,
+        seed=4,
+    )
+    return S.JobSpec(embedding_am=spec)
+
+
+def _am_unknown_class(spec: S.JobSpec) -> None:
+    spec.embedding_am.target_class = "99"
+
+
+def _am_unknown_label(spec: S.JobSpec) -> None:
+    spec.embedding_am.new_label = "sunrise"
+
+
+def _am_judge_is_the_classifier(spec: S.JobSpec) -> None:
+    spec.embedding_am.judge.name = CLF
+
+
+def _am_negative_lambda(spec: S.JobSpec) -> None:
+    spec.embedding_am.diversity_weight = -1.0
+
+
+def _am_no_diversity_space(spec: S.JobSpec) -> None:
+    spec.embedding_am.diversity_space = S.DIVERSITY_SPACE_UNSPECIFIED
+
+
 CASES: dict[str, Case] = {
+    "embedding_am": Case(
+        spec=_am_spec,
+        bad=[
+            (_am_unknown_class, "spec.embedding_am.target_class"),
+            (_am_unknown_label, "spec.embedding_am.new_label"),
+            (_am_judge_is_the_classifier, "spec.embedding_am.judge"),
+            (_am_negative_lambda, "spec.embedding_am.diversity_weight"),
+            (_am_no_diversity_space, "spec.embedding_am.diversity_space"),
+        ],
+    ),
     "inversion": Case(
         spec=lambda: inversion_spec(budget=12, targets=2, seed=3),
         bad=[

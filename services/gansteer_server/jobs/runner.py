@@ -50,7 +50,7 @@ from kombu.exceptions import OperationalError
 from gansteer.tensors import from_tensor_proto
 from gansteer_server.jobs.backends import Backends
 from gansteer_server.jobs.kinds import JobKind, JobRun, StepProgress, get_kind
-from gansteer_server.jobs.kinds.base import RoundRun
+from gansteer_server.jobs.kinds.base import PublishingRun, RoundRun
 from gansteer_server.jobs.records import ClaimOutcome, JobRecord, JobState, LeaseLost, state_event
 from gansteer_server.jobs.round_store import RoundStore
 from gansteer_server.jobs.rounds import Round, answer_of, round_message
@@ -255,6 +255,8 @@ class _Segment:
         if job_run.steps > 0:
             result = job_run.result()
             result.job_id = self.job_id
+            if state is JobState.SUCCEEDED and hasattr(job_run, "publish"):
+                result.models.extend(cast(PublishingRun, job_run).publish(self.job_id))
             event = opt.JobEvent()
             event.result.CopyFrom(result)
             images = torch.from_numpy(from_tensor_proto(result.images.tensor, copy=True))

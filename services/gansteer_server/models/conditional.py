@@ -72,7 +72,14 @@ class ConditionalGenerator:
         card = self.card
         if extra:
             names = tuple(self.card.class_names or ()) + tuple(f"class_{i}" for i in extra)
-            card = _replace(self.card, num_classes=len(weight), class_names=names if self.card.class_names else None)
+            # The architecture builds its table from `num_classes` (the built-in ones default it): the weights must fit.
+            kwargs = dict(self.card.architecture_kwargs or {}) | {"num_classes": len(weight)}
+            card = _replace(
+                self.card,
+                num_classes=len(weight),
+                class_names=names if self.card.class_names else None,
+                architecture_kwargs=kwargs,
+            )
         return ConditionalGenerator(module, card)
 
     def trainable_copy(self) -> nn.Module:

@@ -41,7 +41,12 @@ def register_derived(
     card_changes: dict[str, Any] | None = None,
     description: str = "",
 ) -> ModelEntry:
-    """Register `module`'s weights as the next version of `name` (default: the base's name)."""
+    """Register `module`'s weights as the next version of `name` (default: the base's name). Idempotent by job:
+    when a version of `name` already carries this job id (its worker died after registering and the job's last
+    segment ran again), that version is returned instead of a second one."""
+    existing = _registered_by(registry, name or base.name, lineage.job_id)
+    if existing is not None:
+        return existing
     if base.format != "safetensors":
         raise ValueError(f"{base.ref} is stored as {base.format}; only built-in architectures can be re-registered")
     stamped = lineage if lineage.code_version else _with_code_version(lineage)
@@ -59,6 +64,15 @@ def register_derived(
     if base.latent_prior is not None and base.latent_prior.mean_cov is not None:
         files[base.latent_prior.mean_cov] = base_folder / base.latent_prior.mean_cov
     return registry.register(fields["name"], fields, files)
+
+
+def _registered_by(registry: ModelRegistry, name: str, job_id: str) -> ModelEntry | None:
+    for version in reversed(registry.versions(name)):
+        entry = registry.resolve(f"{name}@{version}")
+        recorded = entry.card.extra.get("lineage")
+        if isinstance(recorded, dict) and recorded.get("job_id") == job_id:
+            return entry
+    return None
 
 
 def code_version() -> str:

@@ -25,6 +25,13 @@ class Backend(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BACKEND_LOCAL: _ClassVar[Backend]
     BACKEND_REMOTE: _ClassVar[Backend]
 
+class DiversitySpace(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DIVERSITY_SPACE_UNSPECIFIED: _ClassVar[DiversitySpace]
+    DIVERSITY_SPACE_PIXEL: _ClassVar[DiversitySpace]
+    DIVERSITY_SPACE_FEATURES: _ClassVar[DiversitySpace]
+    DIVERSITY_SPACE_SOFTMAX: _ClassVar[DiversitySpace]
+
 class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
@@ -66,6 +73,10 @@ BUDGET_UNIT_GENERATOR_CALLS: BudgetUnit
 BACKEND_UNSPECIFIED: Backend
 BACKEND_LOCAL: Backend
 BACKEND_REMOTE: Backend
+DIVERSITY_SPACE_UNSPECIFIED: DiversitySpace
+DIVERSITY_SPACE_PIXEL: DiversitySpace
+DIVERSITY_SPACE_FEATURES: DiversitySpace
+DIVERSITY_SPACE_SOFTMAX: DiversitySpace
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_QUEUED: JobState
 JOB_STATE_RUNNING: JobState
@@ -145,44 +156,60 @@ class InversionSpec(_message.Message):
     def __init__(self, targets: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., discriminator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., feature_extractor: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., criterion: _Optional[str] = ..., lambda_s: _Optional[float] = ..., lambda_l: _Optional[float] = ..., lambda_nu: _Optional[float] = ..., lambda_r: _Optional[float] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., restarts: _Optional[int] = ..., conditioned_class: _Optional[int] = ..., seed: _Optional[int] = ..., backend: _Optional[_Union[Backend, str]] = ..., initial_latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class EmbeddingAMSpec(_message.Message):
-    __slots__ = ("generator", "classifier", "classes", "target_classes", "init", "optimizer", "budget", "samples_per_step", "resample_every", "clip_min", "clip_max", "trials", "diversity_space", "diversity_weight", "judge_classifier", "register_version", "seed", "backend")
+    __slots__ = ("generator", "classifier", "target_class", "new_label", "init", "top_k", "top_k_samples", "init_sigma", "optimizer", "steps", "latents_per_step", "resample_every", "clamp_min", "clamp_max", "trials", "diversity_weight", "diversity_space", "diversity_pairs", "judge", "feature_extractor", "eval_samples", "accuracy_tolerance", "register_as", "dry_run", "seed", "backend")
     GENERATOR_FIELD_NUMBER: _ClassVar[int]
     CLASSIFIER_FIELD_NUMBER: _ClassVar[int]
-    CLASSES_FIELD_NUMBER: _ClassVar[int]
-    TARGET_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    TARGET_CLASS_FIELD_NUMBER: _ClassVar[int]
+    NEW_LABEL_FIELD_NUMBER: _ClassVar[int]
     INIT_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    INIT_SIGMA_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
-    BUDGET_FIELD_NUMBER: _ClassVar[int]
-    SAMPLES_PER_STEP_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_PER_STEP_FIELD_NUMBER: _ClassVar[int]
     RESAMPLE_EVERY_FIELD_NUMBER: _ClassVar[int]
-    CLIP_MIN_FIELD_NUMBER: _ClassVar[int]
-    CLIP_MAX_FIELD_NUMBER: _ClassVar[int]
+    CLAMP_MIN_FIELD_NUMBER: _ClassVar[int]
+    CLAMP_MAX_FIELD_NUMBER: _ClassVar[int]
     TRIALS_FIELD_NUMBER: _ClassVar[int]
-    DIVERSITY_SPACE_FIELD_NUMBER: _ClassVar[int]
     DIVERSITY_WEIGHT_FIELD_NUMBER: _ClassVar[int]
-    JUDGE_CLASSIFIER_FIELD_NUMBER: _ClassVar[int]
-    REGISTER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DIVERSITY_SPACE_FIELD_NUMBER: _ClassVar[int]
+    DIVERSITY_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    JUDGE_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_EXTRACTOR_FIELD_NUMBER: _ClassVar[int]
+    EVAL_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    REGISTER_AS_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     generator: _common_pb2.ModelRef
     classifier: _common_pb2.ModelRef
-    classes: _containers.RepeatedScalarFieldContainer[int]
-    target_classes: _containers.RepeatedScalarFieldContainer[int]
+    target_class: str
+    new_label: str
     init: str
+    top_k: int
+    top_k_samples: int
+    init_sigma: float
     optimizer: Optimizer
-    budget: Budget
-    samples_per_step: int
+    steps: int
+    latents_per_step: int
     resample_every: int
-    clip_min: float
-    clip_max: float
+    clamp_min: float
+    clamp_max: float
     trials: int
-    diversity_space: str
     diversity_weight: float
-    judge_classifier: _common_pb2.ModelRef
-    register_version: bool
+    diversity_space: DiversitySpace
+    diversity_pairs: int
+    judge: _common_pb2.ModelRef
+    feature_extractor: _common_pb2.ModelRef
+    eval_samples: int
+    accuracy_tolerance: float
+    register_as: str
+    dry_run: bool
     seed: int
     backend: Backend
-    def __init__(self, generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., classifier: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., classes: _Optional[_Iterable[int]] = ..., target_classes: _Optional[_Iterable[int]] = ..., init: _Optional[str] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., samples_per_step: _Optional[int] = ..., resample_every: _Optional[int] = ..., clip_min: _Optional[float] = ..., clip_max: _Optional[float] = ..., trials: _Optional[int] = ..., diversity_space: _Optional[str] = ..., diversity_weight: _Optional[float] = ..., judge_classifier: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., register_version: _Optional[bool] = ..., seed: _Optional[int] = ..., backend: _Optional[_Union[Backend, str]] = ...) -> None: ...
+    def __init__(self, generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., classifier: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., target_class: _Optional[str] = ..., new_label: _Optional[str] = ..., init: _Optional[str] = ..., top_k: _Optional[int] = ..., top_k_samples: _Optional[int] = ..., init_sigma: _Optional[float] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., steps: _Optional[int] = ..., latents_per_step: _Optional[int] = ..., resample_every: _Optional[int] = ..., clamp_min: _Optional[float] = ..., clamp_max: _Optional[float] = ..., trials: _Optional[int] = ..., diversity_weight: _Optional[float] = ..., diversity_space: _Optional[_Union[DiversitySpace, str]] = ..., diversity_pairs: _Optional[int] = ..., judge: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., feature_extractor: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., eval_samples: _Optional[int] = ..., accuracy_tolerance: _Optional[float] = ..., register_as: _Optional[str] = ..., dry_run: _Optional[bool] = ..., seed: _Optional[int] = ..., backend: _Optional[_Union[Backend, str]] = ...) -> None: ...
 
 class LatentSearchSpec(_message.Message):
     __slots__ = ("generator", "objective", "optimizer", "budget", "restarts", "search_class_embedding", "perturbations", "perturbation_sigma", "percentile", "seed", "backend", "classes", "scorer", "judge", "discriminator", "prior_weight")

@@ -75,8 +75,12 @@ class GradientOptimizer:
     description: ClassVar[str]
     default_learning_rate: ClassVar[float] = DEFAULT_LEARNING_RATE
 
-    def __init__(self, variables: Variables, *, lr: float) -> None:
+    #: Settings beyond the step size: name -> (default, check), validated by `optimizer_options`.
+    options: ClassVar[dict[str, tuple[float, Callable[[float], str | None]]]] = {}
+
+    def __init__(self, variables: Variables, *, lr: float, **options: float) -> None:
         self.variables = variables
+        self.settings = {key: options.get(key, default) for key, (default, _) in self.options.items()}
         self.torch_optimizer = self.build(self.parameters, lr)
 
     @property
@@ -114,14 +118,24 @@ class GradientOptimizer:
         self.torch_optimizer.load_state_dict(state)
 
 
+def _beta(value: float) -> str | None:
+    return None if 0 <= value < 1 else f"must be in [0, 1), got {value}"
+
+
 @register_optimizer("adam")
 class Adam(GradientOptimizer):
-    """Progressive growing's betas (0, 0.99), as in IV-C and the reference code."""
+    """Progressive growing's betas (0, 0.99) by default, as in IV-C and the reference code; embedding AM uses
+    torch's (0.9, 0.999) as seed 001 did. Each element has its own moments, so searches stacked as rows of one
+    tensor are stepped exactly as if each had its own optimizer."""
 
-    description = "Adam with betas (0, 0.99)"
+    description = "Adam with betas (0, 0.99); options beta1, beta2"
+    options: ClassVar[dict[str, tuple[float, Callable[[float], str | None]]]] = {
+        "beta1": (0.0, _beta),
+        "beta2": (0.99, _beta),
+    }
 
     def build(self, parameters: list[Tensor], lr: float) -> torch.optim.Optimizer:
-        return torch.optim.Adam(parameters, lr=lr, betas=(0.0, 0.99))
+        return torch.optim.Adam(parameters, lr=lr, betas=(self.settings["beta1"], self.settings["beta2"]))
 
 
 @register_optimizer("lbfgs")

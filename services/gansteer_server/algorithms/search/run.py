@@ -29,7 +29,7 @@ from gansteer_server.algorithms.search.optimizers import (
     is_gradient_optimizer,
 )
 from gansteer_server.algorithms.search.schedule import StepSchedule
-from gansteer_server.algorithms.search.space import SearchSpace
+from gansteer_server.algorithms.search.space import SearchSpace, project
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ class SearchRun:
         if self.gradient:
             for tensor in [start] if isinstance(start, Tensor) else start:
                 tensor.requires_grad_(True)
-            self.optimizer = OPTIMIZERS[optimizer](start, lr=self.schedule.learning_rate)  # type: ignore[call-arg]
+            self.optimizer = OPTIMIZERS[optimizer](start, lr=self.schedule.learning_rate, **self.options)  # type: ignore[call-arg]
         else:
             self.optimizer = OPTIMIZERS[optimizer](  # type: ignore[call-arg]
                 searches=space.searches,
@@ -259,6 +259,7 @@ class SearchRun:
             optimizer.step(closure)
         except _BudgetExhausted:
             self._exhausted = True
+        project(self.space, optimizer.variables)
 
     @torch.no_grad()
     def _population_step(self, optimizer: PopulationOptimizer) -> None:

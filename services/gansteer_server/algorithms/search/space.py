@@ -51,6 +51,14 @@ class SearchSpace(Protocol):
         ...
 
 
+def project(space: SearchSpace, variables: Variables) -> None:
+    """Bring a gradient optimizer's variables back into the space after a step, in place, where the space has
+    constraints (`project(variables)`, e.g. an embedding row's clamp); others have none."""
+    constrain = getattr(space, "project", None)
+    if constrain is not None:
+        constrain(variables)
+
+
 def embedding_scale(table: Tensor) -> float:
     """The spread s of an embedding table's rows about their mean: the unit of a searched class vector."""
     spread = float((table - table.mean(dim=0)).std()) if len(table) > 1 else 0.0
@@ -142,14 +150,23 @@ class LatentClassSpace:
 @dataclass(frozen=True, eq=False)
 class EmbeddingRowSpace:
     """One class-embedding row e = e0 + s * u per search (embedding activation maximisation); decodes to the
-    rows (N, E). Restarts start at e0 plus `jitter` times N(0, I) in units of s, so they differ."""
+    rows (N, E). e0 is one row for every search (E,) or each search's own (M, E). Restarts start at e0 plus
+    `jitter` times N(0, I) in units of s, so they differ. With `bounds`, every row is clamped into [low, high]
+    after each step (seed 001: "we kept the embeddings within [-0.59, 0.61] by clipping")."""
 
-    start: Tensor  # (E,): e0
+    start: Tensor  # (E,) or (M, E): e0
     scale: float  # s
     searches: int = 1
     jitter: float = 0.0
+    bounds: tuple[float, float] | None = None
 
     gradient_only = False
+
+    def __post_init__(self) -> None:
+        if self.start.dim() == 2 and len(self.start) != self.searches:
+            raise ValueError(f"{len(self.start)} starting rows for {self.searches} searches")
+        if self.bounds is not None and not self.bounds[0] < self.bounds[1]:
+            raise ValueError(f"bounds must be (low, high) with low < high, got {self.bounds}")
 
     @classmethod
     def from_table(cls, table: Tensor, row: int | None, searches: int = 1, jitter: float = 0.0) -> EmbeddingRowSpace:
@@ -160,13 +177,27 @@ class EmbeddingRowSpace:
 
     @property
     def dimension(self) -> int:
-        return len(self.start)
+        return int(self.start.shape[-1])
 
     def initial(self, seed: int) -> Tensor:
-        return self.jitter * _normal(self.searches, self.dimension, seed)
+        variables = self.jitter * _normal(self.searches, self.dimension, seed)
+        self.project(variables)
+        return variables
+
+    def _start_of(self, search_index: Tensor) -> Tensor:
+        return self.start if self.start.dim() == 1 else self.start[search_index]
 
     def decode(self, variables: Tensor, search_index: Tensor) -> Tensor:
-        return self.start + self.scale * variables
+        return self._start_of(search_index) + self.scale * variables
+
+    @torch.no_grad()
+    def project(self, variables: Tensor) -> None:
+        """Clamp every search's row into `bounds`, in place (u's bounds follow from e = e0 + s * u)."""
+        if self.bounds is None:
+            return
+        start = self._start_of(torch.arange(self.searches))
+        low, high = ((bound - start) / self.scale for bound in self.bounds)
+        variables.copy_(torch.maximum(torch.minimum(variables, high), low))
 
 
 @dataclass(frozen=True, eq=False)

@@ -149,6 +149,15 @@ class SearchJobRun:
         self.run.load_state_dict(state)
 
 
+class PublishingRun(JobRun, Protocol):
+    """The run of a kind whose product is a model (a learned embedding, a tuned generator): the runner calls
+    `publish` once the job has succeeded, before its result is stored, and lists what it registered in
+    `JobResult.models`. A lost worker may call it again for the same job, so it must be idempotent by job id
+    (`models.lineage.register_derived` is)."""
+
+    def publish(self, job_id: str) -> list[common_pb2.ModelRef]: ...
+
+
 class RoundRun(JobRun, Protocol):
     """The run of a kind with rounds: it also takes the answers of the round its last step opened."""
 
