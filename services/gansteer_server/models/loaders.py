@@ -129,6 +129,16 @@ def read_torch_state_dict(path: Path, field: str = "weights") -> dict[str, Tenso
 
 def load_state(model: nn.Module, state: Mapping[str, Any], path: Path, architecture: str) -> None:
     """`load_state_dict(strict=True)`, with each kind of mismatch reported by key before torch sees it."""
+    check_state(model, state, path, architecture)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ModelRegistryError(f"cannot load the weights: {error}", path=path, field="weights") from None
+
+
+def check_state(model: nn.Module, state: Mapping[str, Any], path: Path, architecture: str) -> None:
+    """Refuse a state dict whose keys or shapes differ from `model`'s, naming the keys (`model` may be on the meta
+    device: only its shapes are read)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     if missing:
@@ -155,10 +165,6 @@ def load_state(model: nn.Module, state: Mapping[str, Any], path: Path, architect
         raise ModelRegistryError(
             f"wrong shape for architecture {architecture!r}: {shapes}", path=path, field=_keys(wrong)
         )
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        raise ModelRegistryError(f"cannot load the weights: {error}", path=path, field="weights") from None
 
 
 def load_torchscript(path: Path, device: torch.device) -> nn.Module:
