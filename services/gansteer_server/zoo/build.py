@@ -149,6 +149,7 @@ def register_classifier(
                 **_IMAGES,
                 "metrics": {"held_out_accuracy": held_out},
                 "description": description.strip(),
+                **({"extra": {"judge": spec.judge}} if spec.judge else {}),
             },
             model,
             onnx,

@@ -34,6 +34,7 @@ class ClassifierSpec:
     batch_size: int = 128
     lr: float = 2e-3
     purpose: str = ""  # a sentence for the card, after what the classifier classifies
+    judge: str = ""  # the classifier that judges jobs optimising against this one (card `extra.judge`)
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -41,7 +42,14 @@ class ClassifierSpec:
 
 
 CLASSIFIERS: tuple[ClassifierSpec, ...] = (
-    ClassifierSpec("scenes-clf", "scenes_classifier", "class", seed=1, architecture_kwargs={"widths": [16, 32, 64]}),
+    ClassifierSpec(
+        "scenes-clf",
+        "scenes_classifier",
+        "class",
+        seed=1,
+        architecture_kwargs={"widths": [16, 32, 64]},
+        judge="scenes-judge",
+    ),
     ClassifierSpec("scenes-judge", "scenes_resnet", "class", seed=2, architecture_kwargs={"widths": [16, 32, 64]}),
     ClassifierSpec(
         "scenes-clf-alt",
@@ -50,6 +58,7 @@ CLASSIFIERS: tuple[ClassifierSpec, ...] = (
         seed=3,
         architecture_kwargs={"num_classes": 3, "widths": [16, 32, 64]},
         steps=600,
+        judge="scenes-judge-alt",
     ),
     ClassifierSpec(
         "scenes-judge-alt",
