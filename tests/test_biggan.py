@@ -22,6 +22,7 @@ from torch import Tensor
 from gansteer_server.models import ModelRegistry, ModelRegistryError
 from gansteer_server.models.architectures.biggan import PORT_CONFIG, BigGAN, register_biggan
 from gansteer_server.models.conditional import ConditionalGenerator
+from gansteer_server.models.lineage import Lineage, register_derived
 from gansteer_server.servers.sampling import draw_latents, seeded_generator
 
 FIXTURE = Path(__file__).parent / "fixtures" / "biggan_128_state_dict.json"
@@ -138,6 +139,24 @@ def test_replacing_a_class_row_changes_that_class_and_no_other(registry: ModelRe
     # The edited copy still saves in the port's layout, its new rows included.
     port_table = edited.module.state_dict()["embeddings.weight"]
     assert port_table.shape == (8, 6) and torch.equal(port_table[:, 2], new_row)
+
+
+def test_a_learned_row_registers_as_a_new_version_that_serves_it(registry: ModelRegistry, tmp_path: Path) -> None:
+    """What an embedding-AM job publishes for a new label: the base plus one row, as the next version."""
+    register_biggan(registry, "biggan-tiny", port_folder(tmp_path / "port", trained_biggan()))
+    base = generator(registry, "biggan-tiny")
+    appended = torch.randn(8)
+    edited = base.with_class_rows({5: appended})
+    lineage = Lineage(base="biggan-tiny@1", job_id="job-1", kind="embedding_am", seed=0)
+    changes = {"num_classes": 6, "architecture_kwargs": edited.card.architecture_kwargs}
+    entry = register_derived(registry, base.card, edited.module, lineage, card_changes=changes)
+    assert entry.ref == "biggan-tiny@2"
+    again = register_derived(registry, base.card, edited.module, lineage, card_changes=changes)
+    assert again.ref == "biggan-tiny@2"  # idempotent by job: a re-run publishes no second version
+    served, z = generator(registry, "biggan-tiny@2"), torch.randn(2, 8)
+    torch.testing.assert_close(
+        images(served, z, torch.tensor([5, 5])), images(base, z, appended.expand(2, -1)), rtol=0, atol=0
+    )
 
 
 def test_truncation_selects_the_standing_statistics() -> None:
