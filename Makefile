@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: setup browser demo test lint format protos zoo zoo-eval up generation scoring optimization worker web clean
+.PHONY: setup browser demo test lint format protos zoo zoo-eval up generation scoring optimization worker web images clean
 
 $(INSTALLED): services/pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -70,6 +70,15 @@ worker: setup
 
 web: setup
 	$(BIN)/gansteer-web
+
+# The container images (deploy/docker/): gansteer:$(IMAGE_TAG) for CPUs and gansteer-gpu:$(IMAGE_TAG) for NVIDIA GPUs,
+# the tags docker-compose.yml and deploy/k8s name. Needs a running Docker engine (BuildKit).
+IMAGE_TAG := 0.1.0
+
+images:
+	@docker info >/dev/null 2>&1 || { echo "make images: no Docker engine answers here ('docker info' failed), so no image was built; run it where one runs (docs/deploy.md)" >&2; exit 1; }
+	docker build -f deploy/docker/Dockerfile -t gansteer:$(IMAGE_TAG) .
+	docker build -f deploy/docker/Dockerfile.gpu -t gansteer-gpu:$(IMAGE_TAG) .
 
 clean:
 	rm -rf $(VENV) out var
