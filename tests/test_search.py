@@ -276,3 +276,53 @@ def test_the_catalog_lists_every_optimizer_with_its_family_and_defaults():
         assert info.gradient == is_gradient_optimizer(name) and info.description
         assert (info.default_learning_rate is not None) == info.gradient
         assert (info.default_population is not None) != info.gradient
+
+
+class Rosenbrock:
+    """Rosenbrock's valley per search, scaled by `scale[m]`: searches of very different difficulty in one batch,
+    with NaN where `poison[m]` (a search whose objective breaks, as a diverged generator's would)."""
+
+    maximize = False
+    term_names = ()
+
+    def __init__(self, scale: Tensor, poison: Tensor | None = None) -> None:
+        self.scale, self.poison = scale, poison
+
+    def __call__(self, latents: Latents, search_index: Tensor) -> Evaluation:
+        x, y = latents.z[:, 0], latents.z[:, 1]
+        values = self.scale[search_index] * ((1 - x) ** 2 + 100 * (y - x**2) ** 2)
+        if self.poison is not None:  # NaN with a zero gradient, so the other searches' gradients stay finite
+            values = torch.where(self.poison[search_index], torch.full_like(values, float("nan")), values)
+        return Evaluation(values, {})
+
+
+def test_lbfgs_searches_each_keep_their_own_line_search_and_never_stall_the_others():
+    scale = torch.tensor([1.0, 1e-3, 1e3])
+    run = SearchRun(
+        LatentSpace(z_size=2, searches=3),
+        Rosenbrock(scale),
+        optimizer="lbfgs",
+        budget=Budget(2000, "generator_calls"),
+        schedule=StepSchedule(learning_rate=1.0, milestones=()),
+    )
+    run_to_end(run)
+    optimizer = run.optimizer
+    # Every search reaches the valley's minimum (1, 1) although their scales differ by 10^6 ...
+    assert torch.allclose(run.best_variables, torch.ones(3, 2), atol=1e-3), run.best_variables
+    # ... and once all have converged the run ends, its remaining budget unspent.
+    assert optimizer.finished and run.generator_calls < 2000  # type: ignore[union-attr]
+    assert int(optimizer.stalled_steps.max()) <= 2  # type: ignore[union-attr]
+
+
+def test_an_lbfgs_search_whose_objective_breaks_stops_alone():
+    poison = torch.tensor([False, True])
+    run = SearchRun(
+        LatentSpace(z_size=2, searches=2),
+        Rosenbrock(torch.ones(2), poison),
+        optimizer="lbfgs",
+        budget=Budget(600, "generator_calls"),
+        schedule=StepSchedule(learning_rate=1.0, milestones=()),
+    )
+    run_to_end(run)
+    assert bool(run.optimizer.stopped[1]) and not torch.isfinite(run.best_values[1])  # type: ignore[union-attr]
+    assert torch.allclose(run.best_variables[0], torch.ones(2), atol=1e-3)

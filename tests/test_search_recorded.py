@@ -28,7 +28,9 @@ Z_SIZE, NUM_CLASSES, EMBEDDING = 8, 4, 6
 BUDGETS = {"iterations": 24, "generator_calls": 60}  # decays at 1/3 and 2/3 of either
 # The optimizers the fixture was recorded with; those registered since (seed 002's `cmaes`, `ga`, `basincma`) never
 # ran on the code before the move and are tested where they were added (tests/test_latent_search.py).
-RECORDED = ("CMA", "DE", "DiscreteDE", "DiscreteOnePlusOne", "TwoPointsDE", "adam", "lbfgs", "nesterov")
+# `lbfgs` left them when issue 20 replaced torch's L-BFGS (one line search shared by all searches, which stalled)
+# by per-search line searches on purpose; tests/test_search.py tests the new one.
+RECORDED = ("CMA", "DE", "DiscreteDE", "DiscreteOnePlusOne", "TwoPointsDE", "adam", "nesterov")
 RECORDED += ("random_search",)
 CASES = [
     *(
@@ -153,7 +155,8 @@ def test_inversion_reproduces_the_recorded_run(case: str):
     expected, got = recorded()[case], record(case)
     assert got["steps"] == expected["steps"] and got["generator_calls"] == expected["generator_calls"]
     assert got["learning_rates"] == expected["learning_rates"]  # None for gradient-free optimizers
-    close = {"rtol": 1e-5, "atol": 1e-6}
+    # Float summation order differs between CPUs' kernels (a 1.7e-6 difference in one z seen on another machine).
+    close = {"rtol": 1e-5, "atol": 1e-5}
     for key in ("criterion", "restart_criteria", "curve", "z"):
         torch.testing.assert_close(torch.tensor(got[key]), torch.tensor(expected[key]), **close, msg=key)
     assert got["terms"].keys() == expected["terms"].keys()

@@ -28,6 +28,7 @@ from gansteer_server.algorithms.inversion.criteria import (
     InversionCriterion,
 )
 from gansteer_server.algorithms.search import (
+    CLASS_VECTORS,
     DEFAULT_LEARNING_RATE,
     DEFAULT_POPULATION,
     Budget,
@@ -65,6 +66,8 @@ class InversionConfig:
     population: int = DEFAULT_POPULATION  # candidates per search per step of a gradient-free optimizer
     class_mode: ClassMode = "search"  # III-C5: "search" = strategy 1 (the seed's default), "conditioned" = 2
     class_ids: tuple[int, ...] | None = None  # one for all targets or one per target
+    class_vector: str = "free"  # a searched class vector: anywhere (`free`) or among the rows (`simplex`)
+    latent_shell: bool = False  # z read on its prior's shell |z| = sqrt(Z)
     feature_layers: tuple[str, ...] = DEFAULT_FEATURE_LAYERS
     feature_size: int = 32
     seed: int = 0
@@ -84,6 +87,8 @@ class InversionConfig:
             raise ValueError("class_mode 'conditioned' needs class_ids")
         if self.class_mode == "none" and self.class_ids:
             raise ValueError("class_mode 'none' takes no class_ids")
+        if self.class_vector not in CLASS_VECTORS:
+            raise ValueError(f"class_vector must be one of {CLASS_VECTORS}, got {self.class_vector!r}")
         if self.class_ids is not None and any(i < 0 for i in self.class_ids):
             raise ValueError(f"class_ids must be >= 0, got {self.class_ids}")
 
@@ -204,7 +209,15 @@ class InversionRun:
                 raise ValueError(f"class_ids needs 1 or {self.num_targets} entries, got {len(config.class_ids)}")
             ids = torch.tensor(config.class_ids, dtype=torch.int64).expand(self.num_targets)
             ids = ids.repeat_interleave(self.restarts)
-        return class_space(config.class_mode, self.models.z_size, self.num_searches, self.models.class_embeddings, ids)
+        return class_space(
+            config.class_mode,
+            self.models.z_size,
+            self.num_searches,
+            self.models.class_embeddings,
+            ids,
+            class_vector=config.class_vector,
+            shell=config.latent_shell,
+        )
 
     def decode(self, variables: Tensor, search_index: Tensor) -> Latents:
         """Rows of search variables -> (z, the generator's condition) for searches `search_index`."""

@@ -26,20 +26,24 @@ from gansteer_server.algorithms.search.optimizers import (
 from gansteer_server.algorithms.search.run import SearchReport, SearchRun
 from gansteer_server.algorithms.search.schedule import DEFAULT_LEARNING_RATE, StepSchedule
 from gansteer_server.algorithms.search.space import (
+    CLASS_VECTORS,
     ClassSpace,
     ConditionedLatentSpace,
     EmbeddingRowSpace,
     LatentClassSpace,
     Latents,
+    LatentSimplexSpace,
     LatentSpace,
     ParameterSpace,
     SearchSpace,
     class_space,
     embedding_scale,
+    on_shell,
 )
 
 __all__ = [
     "BUDGET_UNITS",
+    "CLASS_VECTORS",
     "DEFAULT_LEARNING_RATE",
     "DEFAULT_POPULATION",
     "OPTIMIZERS",
@@ -52,6 +56,7 @@ __all__ = [
     "GradientOptimizer",
     "HybridOptimizer",
     "LatentClassSpace",
+    "LatentSimplexSpace",
     "LatentSpace",
     "Latents",
     "Objective",
@@ -68,6 +73,7 @@ __all__ = [
     "class_space",
     "embedding_scale",
     "is_gradient_optimizer",
+    "on_shell",
     "optimizer_catalog",
     "optimizer_options",
     "planned_steps",

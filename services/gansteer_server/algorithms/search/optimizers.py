@@ -138,20 +138,186 @@ class Adam(GradientOptimizer):
         return torch.optim.Adam(parameters, lr=lr, betas=(self.settings["beta1"], self.settings["beta2"]))
 
 
+def _rows(variables: Variables) -> Tensor:
+    """The variables as (M, D) rows: an (M, D) tensor as it is, a parameter list as one row (a copy)."""
+    if isinstance(variables, Tensor):
+        return variables.detach()
+    return torch.cat([v.detach().flatten() for v in variables])[None]
+
+
+def _set_rows(variables: Variables, rows: Tensor) -> None:
+    with torch.no_grad():
+        if isinstance(variables, Tensor):
+            variables.copy_(rows)
+            return
+        offset = 0
+        for tensor in variables:
+            tensor.copy_(rows[0, offset : offset + tensor.numel()].view_as(tensor))
+            offset += tensor.numel()
+
+
+def _grad_rows(variables: Variables) -> Tensor:
+    tensors = [variables] if isinstance(variables, Tensor) else variables
+    grads = [torch.zeros_like(t) if t.grad is None else t.grad.detach() for t in tensors]
+    if isinstance(variables, Tensor):
+        return grads[0].clone()
+    return torch.cat([g.flatten() for g in grads])[None]
+
+
 @register_optimizer("lbfgs")
 class LBFGS(GradientOptimizer):
-    """One quasi-Newton iteration per step with a strong-Wolfe line search.
+    """L-BFGS for every search on its own, all searches evaluated in one batch.
 
-    The line search evaluates the closure at trial points, so each step costs one generator call plus one per
-    trial point; the run counts them all. Summing the losses of all M searches makes them one separable problem
-    for L-BFGS: the searches share the line search and the curvature pairs (Adam and Nesterov treat every
-    coordinate separately, so there they stay independent).
+    Each search keeps its own curvature pairs and does its own backtracking line search (Armijo condition, the step
+    halved up to `MAX_TRIALS` times; every trial is one batched evaluation of all searches, so a step costs as many
+    generator calls as its longest line search). torch's L-BFGS would treat the M searches as one problem with one
+    shared line search, so that one hard search stalls all of them (issue 20: a zero step after 1-23 iterations, then
+    ~85% of the budget spent re-evaluating the same point); no library offers per-row line searches over a batched
+    objective, hence this class. A search whose line search fails forgets its curvature pairs and starts again from
+    steepest descent; one that fails twice in a row has converged to the objective's float precision and stops
+    moving (`stopped`), as does one whose gradient vanishes or whose loss is not finite; when every search has
+    stopped the optimizer is `finished` and the run ends early, its remaining budget unspent. `lr` scales the first
+    step of a search (with the direction's length, as torch does).
     """
 
-    description = "L-BFGS, one iteration with a strong-Wolfe line search per step"
+    description = "L-BFGS per search: own curvature pairs and backtracking line search, restart or stop on a stall"
+    rowwise = True  # the run's closure returns each search's loss (M,)
+    HISTORY = 10
+    MAX_TRIALS = 10
+    ARMIJO = 1e-4
+    TOLERANCE_GRAD = 1e-7
 
-    def build(self, parameters: list[Tensor], lr: float) -> torch.optim.Optimizer:
-        return torch.optim.LBFGS(parameters, lr=lr, max_iter=1, history_size=100, line_search_fn="strong_wolfe")
+    def __init__(self, variables: Variables, *, lr: float, **options: float) -> None:
+        self.variables, self._lr = variables, lr
+        self.settings = {}
+        self._reset(_rows(variables).shape)
+
+    def _reset(self, shape: torch.Size) -> None:
+        searches, dimension = shape
+        self.s = torch.zeros(self.HISTORY, searches, dimension)
+        self.y = torch.zeros(self.HISTORY, searches, dimension)
+        self.pairs = torch.zeros(searches, dtype=torch.int64)  # valid pairs per search, newest first
+        self.loss: Tensor | None = None  # (M,) at the current point, known after a step
+        self.grad: Tensor | None = None  # (M, D)
+        self.point: Tensor | None = None  # (M, D) where they were measured
+        self.failures = torch.zeros(searches, dtype=torch.int64)  # consecutive failed line searches
+        self.stopped = torch.zeros(searches, dtype=torch.bool)
+        self.stalled_steps = torch.zeros(searches, dtype=torch.int64)  # steps whose line search failed
+        self.steps = 0
+
+    @property
+    def lr(self) -> float:
+        return self._lr
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.stopped.all())
+
+    def zero_grad(self) -> None:
+        for tensor in [self.variables] if isinstance(self.variables, Tensor) else self.variables:
+            tensor.grad = None
+
+    def _evaluate(self, closure: Any) -> tuple[Tensor, Tensor]:
+        losses = closure().detach().double()
+        return torch.nan_to_num(losses, nan=float("inf")), _grad_rows(self.variables).double()
+
+    def _direction(self, grad: Tensor) -> Tensor:
+        """-H g per search by the two-loop recursion over its own pairs (newest first)."""
+        q = grad.clone()
+        alphas = []
+        for i in range(self.HISTORY):
+            valid = (i < self.pairs).double()
+            s, y = self.s[i].double(), self.y[i].double()
+            rho = valid / (s * y).sum(dim=1).clamp_min(1e-300)
+            alpha = rho * (s * q).sum(dim=1)
+            q -= alpha[:, None] * y
+            alphas.append((alpha, rho, valid))
+        newest_s, newest_y = self.s[0].double(), self.y[0].double()
+        gamma = (newest_s * newest_y).sum(dim=1) / (newest_y * newest_y).sum(dim=1).clamp_min(1e-300)
+        gamma = torch.where(self.pairs > 0, gamma, torch.ones_like(gamma))
+        r = gamma[:, None] * q
+        for i in reversed(range(self.HISTORY)):
+            alpha, rho, valid = alphas[i]
+            beta = rho * (self.y[i].double() * r).sum(dim=1)
+            r += (valid * (alpha - beta))[:, None] * self.s[i].double()
+        return -r
+
+    def step(self, closure: Any) -> None:
+        start = _rows(self.variables).double()
+        if self.loss is None or self.grad is None or self.point is None or not torch.equal(start, self.point):
+            self.loss, self.grad = self._evaluate(closure)  # first step, or the variables moved since (a projection)
+        loss, grad = self.loss, self.grad
+        # Converged (a vanishing gradient, torch's tolerance_grad) or broken (a non-finite loss or gradient): stop.
+        self.stopped |= (grad.abs().amax(dim=1) <= self.TOLERANCE_GRAD) | ~torch.isfinite(loss)
+        self.stopped |= ~torch.isfinite(grad).all(dim=1)
+        grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+        direction = self._direction(grad)
+        slope = (grad * direction).sum(dim=1)
+        uphill = ~(slope < 0)  # not a descent direction (or NaN): forget the pairs, go down the gradient
+        self.pairs[uphill] = 0
+        direction[uphill], slope[uphill] = -grad[uphill], -(grad[uphill] ** 2).sum(dim=1)
+        fresh = self.pairs == 0
+        length = grad.abs().sum(dim=1).clamp_min(1e-12)
+        step = torch.where(fresh, self._lr * torch.clamp(1 / length, max=1.0), torch.full_like(length, self._lr))
+        moving = ~self.stopped & (slope < 0)
+        accepted = ~moving
+        point, new_loss, new_grad = start.clone(), loss.clone(), grad.clone()
+        for _ in range(self.MAX_TRIALS):
+            trial = torch.where(accepted[:, None], point, start + step[:, None] * direction)
+            _set_rows(self.variables, trial.to(_rows(self.variables).dtype))
+            trial_loss, trial_grad = self._evaluate(closure)
+            ok = ~accepted & torch.isfinite(trial_loss) & (trial_loss <= loss + self.ARMIJO * step * slope)
+            point = torch.where(ok[:, None], trial, point)
+            new_loss = torch.where(ok, trial_loss, new_loss)
+            new_grad = torch.where(ok[:, None], trial_grad, new_grad)
+            accepted |= ok
+            if bool(accepted.all()):
+                break
+            step = torch.where(accepted, step, step / 2)
+        _set_rows(self.variables, point.to(_rows(self.variables).dtype))
+        failed = moving & ~accepted
+        took = moving & accepted
+        s, y = point - start, new_grad - grad
+        curvature = (s * y).sum(dim=1)
+        keep = took & (curvature > 1e-10 * (y * y).sum(dim=1).sqrt() * (s * s).sum(dim=1).sqrt())
+        self.s = torch.where(keep[None, :, None], torch.cat([s[None].float(), self.s[:-1]]), self.s)
+        self.y = torch.where(keep[None, :, None], torch.cat([y[None].float(), self.y[:-1]]), self.y)
+        self.pairs = torch.where(keep, (self.pairs + 1).clamp(max=self.HISTORY), self.pairs)
+        self.pairs[failed] = 0
+        self.failures = torch.where(failed, self.failures + 1, torch.zeros_like(self.failures))
+        self.stopped |= self.failures >= 2
+        self.stalled_steps += failed.long()
+        self.loss, self.grad, self.point = new_loss, new_grad, point
+        self.steps += 1
+
+    def restart(self, values: Variables, lr: float) -> None:
+        _set_rows(self.variables, _rows(values))
+        self._lr = lr
+        self._reset(_rows(self.variables).shape)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "lr": self._lr,
+            "s": self.s.clone(),
+            "y": self.y.clone(),
+            "pairs": self.pairs.clone(),
+            "loss": None if self.loss is None else self.loss.clone(),
+            "grad": None if self.grad is None else self.grad.clone(),
+            "point": None if self.point is None else self.point.clone(),
+            "failures": self.failures.clone(),
+            "stopped": self.stopped.clone(),
+            "stalled_steps": self.stalled_steps.clone(),
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._lr = float(state["lr"])
+        self.s, self.y, self.pairs = state["s"].clone(), state["y"].clone(), state["pairs"].clone()
+        self.loss = None if state["loss"] is None else state["loss"].clone()
+        self.grad = None if state["grad"] is None else state["grad"].clone()
+        self.point = None if state.get("point") is None else state["point"].clone()
+        self.failures, self.stopped = state["failures"].clone(), state["stopped"].clone()
+        self.stalled_steps, self.steps = state["stalled_steps"].clone(), int(state["steps"])
 
 
 @register_optimizer("nesterov")

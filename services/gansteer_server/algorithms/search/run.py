@@ -121,7 +121,16 @@ class SearchRun:
 
     @property
     def done(self) -> bool:
-        return self._exhausted or not self.budget.allows(self._steps, self._generator_calls, self._next_cost())
+        """The budget is spent, or the optimizer has nothing left to do (every L-BFGS search converged)."""
+        finished = bool(getattr(self.variables_optimizer, "finished", False))
+        return (
+            finished or self._exhausted or not self.budget.allows(self._steps, self._generator_calls, self._next_cost())
+        )
+
+    @property
+    def variables_optimizer(self) -> GradientOptimizer | PopulationOptimizer | HybridOptimizer:
+        """The optimizer that moves the variables now (a hybrid's closing Adam phase once it has begun)."""
+        return self._final if self._final is not None else self.optimizer
 
     def _next_cost(self) -> int:
         """Generator calls per group of the next step (a hybrid's final phase: one Adam step's)."""
@@ -253,8 +262,9 @@ class SearchRun:
             self._record(_detached(optimizer.variables), losses.detach(), terms)
             total = losses.sum()
             total.backward()
-            return total
+            return losses.detach() if rowwise else total  # a rowwise optimizer reads each search's loss
 
+        rowwise = bool(getattr(optimizer, "rowwise", False))
         try:
             optimizer.step(closure)
         except _BudgetExhausted:

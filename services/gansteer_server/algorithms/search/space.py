@@ -9,6 +9,7 @@ candidates mean the same in every part of a row.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
@@ -65,6 +66,14 @@ def embedding_scale(table: Tensor) -> float:
     return spread if spread > 0 else 1.0
 
 
+def on_shell(z: Tensor, shell: bool) -> Tensor:
+    """z as searched, or scaled onto the shell |z| = sqrt(Z) where N(0, I) in Z dimensions puts almost all its mass
+    (a search that drifts to a small or large norm leaves the latents the generator was trained on)."""
+    if not shell:
+        return z
+    return math.sqrt(z.shape[1]) * z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
 def _normal(searches: int, size: int, seed: int) -> Tensor:
     return torch.randn(searches, size, generator=torch.Generator().manual_seed(seed))
 
@@ -75,6 +84,7 @@ class LatentSpace:
 
     z_size: int
     searches: int
+    shell: bool = False
     gradient_only = False
 
     @property
@@ -85,7 +95,7 @@ class LatentSpace:
         return _normal(self.searches, self.z_size, seed)
 
     def decode(self, variables: Tensor, search_index: Tensor) -> Latents:
-        return Latents(variables, None)
+        return Latents(on_shell(variables, self.shell), None)
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,6 +104,7 @@ class ConditionedLatentSpace:
 
     z_size: int
     class_ids: Tensor  # (M,) int64
+    shell: bool = False
     gradient_only = False
 
     @property
@@ -108,7 +119,7 @@ class ConditionedLatentSpace:
         return _normal(self.searches, self.z_size, seed)
 
     def decode(self, variables: Tensor, search_index: Tensor) -> Latents:
-        return Latents(variables, self.class_ids[search_index])
+        return Latents(on_shell(variables, self.shell), self.class_ids[search_index])
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,14 +132,17 @@ class LatentClassSpace:
     z_size: int
     class_start: Tensor  # (M, E): c0 of each search
     class_scale: float  # s
+    shell: bool = False
     gradient_only = False
 
     @classmethod
-    def from_table(cls, z_size: int, table: Tensor, class_ids: Tensor | None, searches: int) -> LatentClassSpace:
+    def from_table(
+        cls, z_size: int, table: Tensor, class_ids: Tensor | None, searches: int, shell: bool = False
+    ) -> LatentClassSpace:
         """Start each search at its class's row (`class_ids` (M,)), or all at the table's mean when None."""
         table = table.detach().float()
         start = table.mean(dim=0).expand(searches, -1) if class_ids is None else table[class_ids]
-        return cls(z_size, start, embedding_scale(table))
+        return cls(z_size, start, embedding_scale(table), shell)
 
     @property
     def searches(self) -> int:
@@ -144,7 +158,44 @@ class LatentClassSpace:
 
     def decode(self, variables: Tensor, search_index: Tensor) -> Latents:
         z, u = variables[:, : self.z_size], variables[:, self.z_size :]
-        return Latents(z, self.class_start[search_index] + self.class_scale * u)
+        return Latents(on_shell(z, self.shell), self.class_start[search_index] + self.class_scale * u)
+
+
+@dataclass(frozen=True, eq=False)
+class LatentSimplexSpace:
+    """A latent z and a class vector on the simplex of the embedding rows per search, as one row [z, w]: the class
+    vector is c = softmax(w) @ table, a convex combination of trained rows, so it cannot leave their hull (issue
+    20: a free class vector grew to 3-4 times any row's norm, outside their span, and the images turned to speckle).
+    With `shell`, z is read as sqrt(Z) * z / |z|, on the shell where the prior N(0, I) puts almost all its mass.
+
+    w starts at 0 (the rows' mean) or, for a search given a class, at `START_WEIGHT` on that class's logit, which
+    puts 90% of the weight on its row whatever the number of rows.
+    """
+
+    z_size: int
+    table: Tensor  # (K, E) the generator's class rows
+    start_class: Tensor | None  # (M,) int64 each search's class, or None: start at the mean
+    searches: int
+    shell: bool = False
+
+    gradient_only = False
+    START_SHARE = 0.9
+
+    @property
+    def dimension(self) -> int:
+        return self.z_size + len(self.table)
+
+    def initial(self, seed: int) -> Tensor:
+        z = _normal(self.searches, self.z_size, seed)
+        w = z.new_zeros(self.searches, len(self.table))
+        if self.start_class is not None and len(self.table) > 1:
+            share = self.START_SHARE
+            w[torch.arange(self.searches), self.start_class] = math.log(share * (len(self.table) - 1) / (1 - share))
+        return torch.cat([z, w], dim=1)
+
+    def decode(self, variables: Tensor, search_index: Tensor) -> Latents:
+        z, w = variables[:, : self.z_size], variables[:, self.z_size :]
+        return Latents(on_shell(z, self.shell), torch.softmax(w, dim=1) @ self.table.to(w.dtype))
 
 
 @dataclass(frozen=True, eq=False)
@@ -220,21 +271,36 @@ class ParameterSpace:
         return variables
 
 
-ClassSpace = LatentSpace | ConditionedLatentSpace | LatentClassSpace
+ClassSpace = LatentSpace | ConditionedLatentSpace | LatentClassSpace | LatentSimplexSpace
+#: How a searched class vector moves: anywhere (`free`, c = c0 + s * u) or among the rows (`simplex`).
+CLASS_VECTORS = ("free", "simplex")
 
 
-def class_space(mode: str, z_size: int, searches: int, table: Tensor | None, class_ids: Tensor | None) -> ClassSpace:
+def class_space(
+    mode: str,
+    z_size: int,
+    searches: int,
+    table: Tensor | None,
+    class_ids: Tensor | None,
+    *,
+    class_vector: str = "free",
+    shell: bool = False,
+) -> ClassSpace:
     """The space of a class mode: z alone (`none`), z with each search's fixed class (`conditioned`), or z and a
-    searched class vector starting from each search's class row or the table's mean (`search`). `class_ids` (M,)
-    holds each search's class."""
+    searched class vector starting from each search's class row or the table's mean (`search`), free or on the
+    rows' simplex (`class_vector`). `class_ids` (M,) holds each search's class; `shell` holds z on its shell."""
+    if class_vector not in CLASS_VECTORS:
+        raise ValueError(f"class_vector must be one of {CLASS_VECTORS}, got {class_vector!r}")
     if mode == "none":
-        return LatentSpace(z_size, searches)
+        return LatentSpace(z_size, searches, shell)
     if table is not None and class_ids is not None and int(class_ids.max()) >= len(table):
         raise ValueError(f"class_ids {sorted(set(class_ids.tolist()))} out of range for {len(table)} classes")
     if mode == "conditioned":
         if class_ids is None:
             raise ValueError("class_mode 'conditioned' needs class_ids")
-        return ConditionedLatentSpace(z_size, class_ids)
+        return ConditionedLatentSpace(z_size, class_ids, shell)
     if table is None:
         raise ValueError("class_mode 'search' needs the generator's class_embeddings")
-    return LatentClassSpace.from_table(z_size, table, class_ids, searches)
+    if class_vector == "simplex":
+        return LatentSimplexSpace(z_size, table.detach().float(), class_ids, searches, shell)
+    return LatentClassSpace.from_table(z_size, table, class_ids, searches, shell)
