@@ -394,6 +394,7 @@ class JobStack:
             "GANSTEER_REGISTRY": str(self.registry_root),
             "GANSTEER_TORCH_THREADS": "1",
             "GANSTEER_LOG_LEVEL": "INFO",
+            "GANSTEER_WORKER_METRICS_PORT": "0",  # several workers per test: a fixed port would be taken twice
             **self.env,
         }
 

@@ -49,6 +49,9 @@ def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
 
 
 _port = _int_in(0, 65535)
+#: A metrics port the system picks (bound as port 0, then printed): what `gansteer up --any-port` asks for, where 0
+#: would mean off. Not a value of the environment variables.
+ANY_PORT = -1
 
 
 def _milliseconds(text: str) -> float:

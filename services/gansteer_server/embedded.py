@@ -21,9 +21,10 @@ from typing import Any, Literal
 
 import redis
 
-from gansteer_server.config import Settings
+from gansteer_server.config import ANY_PORT, Settings
+from gansteer_server.jobs.celery_app import Jobs
 from gansteer_server.jobs.settings import JobSettings
-from gansteer_server.jobs.worker import start_worker_thread
+from gansteer_server.jobs.worker import serve_worker_metrics, start_worker_thread
 from gansteer_server.servers.app import RunningService, start_generation_server, start_scoring_server
 from gansteer_server.servers.optimization import RunningOptimizationService, start_optimization_server
 
@@ -116,6 +117,8 @@ class Stack:
     transport: str
     api_key: str | None
     redis_server: RedisServer | None = None
+    #: The Prometheus ports of generation, scoring, optimization and worker (empty: metrics off).
+    metrics_ports: dict[str, int] = field(default_factory=dict)
     _exit: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
 
     @property
@@ -134,6 +137,17 @@ class Stack:
         self._exit.close()
 
 
+_METRICS_PORTS = ("generation_metrics_port", "scoring_metrics_port", "optimization_metrics_port", "worker_metrics_port")
+
+
+def _metrics_ports(metrics: bool, free_ports: bool) -> dict[str, int]:
+    """The Settings fields of the metrics ports: 0 (off) without metrics, ANY_PORT with free ports, else none (the
+    settings' own ports)."""
+    if metrics and not free_ports:
+        return {}
+    return dict.fromkeys(_METRICS_PORTS, ANY_PORT if metrics else 0)
+
+
 def start_stack(
     *,
     redis_url: str | None = None,
@@ -143,6 +157,7 @@ def start_stack(
     key_prefix: str | None = None,
     worker: bool = True,
     job_options: dict[str, Any] | None = None,
+    metrics: bool = False,
     **overrides: Any,
 ) -> Stack:
     """Starts generation, scoring and optimization services on loopback, and a worker thread.
@@ -151,7 +166,9 @@ def start_stack(
     URL; `gansteer up` for `auto`). `free_ports`: bind
     any free ports (else the settings' 50051-50053). `key_prefix`: the Redis key prefix (default: the settings';
     a fresh one per stack on the in-memory transport). `overrides` replace `Settings` fields, `job_options`
-    `JobSettings` fields. Metrics endpoints stay off: a second stack on one machine must not fight over them.
+    `JobSettings` fields. `metrics`: serve each service's and the worker's Prometheus metrics, on free ports with
+    `free_ports`, else on the settings' ports; off by default, so a second stack on one machine does not fight over
+    them.
     """
     exits = contextlib.ExitStack()
     try:
@@ -162,10 +179,7 @@ def start_stack(
             settings or Settings.from_env(),
             host="127.0.0.1",
             redis_url=url,
-            generation_metrics_port=0,
-            scoring_metrics_port=0,
-            optimization_metrics_port=0,
-            worker_metrics_port=0,
+            **_metrics_ports(metrics, free_ports),
             **({"generation_port": 0, "scoring_port": 0, "optimization_port": 0} if free_ports else {}),
             **overrides,
         )
@@ -183,9 +197,20 @@ def start_stack(
         job_settings = JobSettings.create(base, **options)
         optimization = start_optimization_server(job_settings)
         exits.callback(optimization.stop, 5.0)
+        worker_metrics_port = 0
         if worker:
-            exits.enter_context(start_worker_thread(job_settings))
+            jobs = Jobs(job_settings)
+            exits.enter_context(start_worker_thread(job_settings, jobs=jobs))
+            if base.worker_metrics_port:
+                worker_metrics_port, stop_metrics = serve_worker_metrics(jobs, base.worker_metrics_port, base.host)
+                exits.callback(stop_metrics)
         logger.info("gansteer stack up: %s", description)
+        bound = {
+            "generation": generation.metrics_port,
+            "scoring": scoring.metrics_port,
+            "optimization": optimization.metrics_port,
+            "worker": worker_metrics_port,
+        }
         return Stack(
             generation,
             scoring,
@@ -194,6 +219,7 @@ def start_stack(
             description,
             base.api_keys[0] if base.auth_enabled else None,
             redis_server,
+            bound if metrics else {},
             exits,
         )
     except BaseException:

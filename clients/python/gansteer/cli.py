@@ -546,7 +546,13 @@ def cmd_am(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from gansteer.up import run_up
 
-    return run_up(redis_url=args.redis_url, transport=args.transport, any_port=args.any_port, json_output=args.json)
+    return run_up(
+        redis_url=args.redis_url,
+        transport=args.transport,
+        any_port=args.any_port,
+        json_output=args.json,
+        metrics=args.metrics,
+    )
 
 
 # --- parser -------------------------------------------------------------------------------------------------------
@@ -607,7 +613,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="force starting redis-server or the in-memory transport (default: auto)",
     )
-    up.add_argument("--any-port", action="store_true", help="bind free ports instead of 50051-50053")
+    up.add_argument("--any-port", action="store_true", help="bind free ports instead of 50051-50053 and 9461-9464")
+    up.add_argument(
+        "--no-metrics", dest="metrics", action="store_false", help="serve no Prometheus metrics (default: served)"
+    )
 
     models = command("models", "list the registered models", cmd_models)
     models.add_argument(

@@ -1,6 +1,9 @@
 """`gansteer up`: the local stack in the foreground until Ctrl-C, for trying gansteer on one machine: the three
 services, a worker, and the rounds page (`gansteer-web`, port 8080, or a free port with `--any-port`).
 
+Each service and the worker serve Prometheus metrics (docs/operations.md), on the `GANSTEER_*_METRICS_PORT` ports
+(9461-9464), or on free ports with `--any-port`; the ports are printed. `--no-metrics` turns them off.
+
 The server package is imported here, lazily, so the SDK keeps no dependency on it; without it the command says how
 to install it. Where jobs travel (a given Redis, a started `redis-server`, or the in-memory transport) is printed,
 because a job submitted to an in-memory stack lives only as long as this process.
@@ -18,7 +21,7 @@ from typing import Any
 from gansteer.embedded import _INSTALL_HINT
 
 
-def run_up(*, redis_url: str, transport: str, any_port: bool, json_output: bool) -> int:
+def run_up(*, redis_url: str, transport: str, any_port: bool, json_output: bool, metrics: bool = True) -> int:
     """Starts the stack, prints its addresses, waits for SIGINT or SIGTERM, stops everything; returns 0."""
     try:
         server = importlib.import_module("gansteer_server.embedded")
@@ -35,6 +38,7 @@ def run_up(*, redis_url: str, transport: str, any_port: bool, json_output: bool)
             transport=transport,
             free_ports=any_port,
             key_prefix=None,
+            metrics=metrics,
         )
     except (OSError, RuntimeError) as error:  # a port in use, a redis-server that would not start, no fakeredis
         _restore(previous)
@@ -60,12 +64,18 @@ def run_up(*, redis_url: str, transport: str, any_port: bool, json_output: bool)
             "optimization": stack.optimization_address,
             "web": f"http://127.0.0.1:{web.server_address[1]}/",
         }
+        metrics_urls = {
+            name: f"http://127.0.0.1:{port}/metrics" if port else "off" for name, port in stack.metrics_ports.items()
+        }
         if json_output:
-            print(json.dumps({**addresses, "transport": stack.transport}), flush=True)
+            document = {**addresses, "transport": stack.transport, "metrics": metrics_urls}
+            print(json.dumps(document), flush=True)
         else:
             print(f"gansteer up: {stack.transport}", flush=True)
             for name, address in addresses.items():
                 print(f"  {name:13} {address}", flush=True)
+            for name, url in metrics_urls.items():
+                print(f"  {'metrics':13} {name:13} {url}", flush=True)
             if any_port:
                 print(
                     f"  connect with: gansteer --target {stack.optimization_address} "

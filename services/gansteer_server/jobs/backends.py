@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from gansteer_server.config import Settings
 from gansteer_server.models import ModelCard, ModelRegistry
 from gansteer_server.models.conditional import ConditionalGenerator
-from gansteer_server.models.store import ImageInput, ModelStore
+from gansteer_server.models.store import ImageInput, LoadObserver, ModelStore
 from gansteer_server.proto import (
     common_pb2,
     generation_pb2,
@@ -82,8 +82,10 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, registry: ModelRegistry, device: str | torch.device = "cpu") -> None:
-        self.models = ModelStore(registry, device=device)
+    def __init__(
+        self, registry: ModelRegistry, device: str | torch.device = "cpu", on_load: LoadObserver | None = None
+    ) -> None:
+        self.models = ModelStore(registry, device=device, on_load=on_load)
         self._wrapped: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
 
@@ -280,9 +282,11 @@ class RemoteBackend:
 
     name = "remote"
 
-    def __init__(self, settings: Settings, registry: ModelRegistry, timeout_s: float = 60.0) -> None:
+    def __init__(
+        self, settings: Settings, registry: ModelRegistry, timeout_s: float = 60.0, on_load: LoadObserver | None = None
+    ) -> None:
         self.connection = _Connection(settings, timeout_s)
-        self.local = LocalBackend(registry)
+        self.local = LocalBackend(registry, on_load=on_load)
         self._cards: dict[str, ModelCard] = {}
 
     def card(self, ref: str) -> ModelCard:
@@ -309,10 +313,12 @@ class RemoteBackend:
 
 
 class Backends:
-    """Both backends of a worker process, built on first use (after fork), chosen per job."""
+    """Both backends of a worker process, built on first use (after fork), chosen per job; `on_load` is told of
+    every model they load (the worker's metrics)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, on_load: LoadObserver | None = None) -> None:
         self.settings = settings
+        self.on_load = on_load
         self._built: dict[str, ModelBackend] = {}
         self._lock = threading.Lock()
 
@@ -323,5 +329,9 @@ class Backends:
             if name not in self._built:
                 registry = ModelRegistry(self.settings.registry_paths)
                 local = name == "local"
-                self._built[name] = LocalBackend(registry) if local else RemoteBackend(self.settings, registry)
+                self._built[name] = (
+                    LocalBackend(registry, on_load=self.on_load)
+                    if local
+                    else RemoteBackend(self.settings, registry, on_load=self.on_load)
+                )
             return self._built[name]

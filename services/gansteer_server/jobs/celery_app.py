@@ -8,6 +8,8 @@
   (`gansteer.job.<kind>`), routed to its kind's queue.
 - JSON only: a task message is `[job_id, segment]`; pickle is never accepted.
 - Every key Celery writes starts with `<key_prefix>celery:`, so deployments (and tests) sharing a Redis stay apart.
+- Each task message carries the time it was sent (header `gansteer_sent`), so a worker measures how long a segment
+  waited in its queue apart from how long it computed (`JobMetrics`).
 - A task that meets a Redis error (any `redis.RedisError`: a lost connection, OOM, READONLY, ...) or a broker that
   refuses a message (`EnqueueFailed`) gives its lease up and is retried with backoff (`max_retries`). A task that
   cannot be retried (its retries ran out, the retry message could not be sent, or an unexpected error escaped it)
@@ -21,6 +23,7 @@ import os
 import threading
 import time
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any, NoReturn
 
 import redis
@@ -30,14 +33,17 @@ from celery.exceptions import Reject, Retry
 from celery.utils.time import get_exponential_backoff_interval
 from kombu import Exchange, Queue
 from kombu.exceptions import OperationalError
+from redis.backoff import NoBackoff
+from redis.retry import Retry as RedisRetry
 
 from gansteer_server.jobs.backends import Backends
 from gansteer_server.jobs.kinds import QUEUES, JobKind, get_kind, kind_names
+from gansteer_server.jobs.metrics import WorkerMetrics
 from gansteer_server.jobs.records import JobRecord
 from gansteer_server.jobs.runner import EnqueueFailed, WorkerContext, run_segment
 from gansteer_server.jobs.settings import JobSettings
 from gansteer_server.jobs.specs import encode_spec
-from gansteer_server.jobs.store import JobStore
+from gansteer_server.jobs.store import JobStore, TransitionObserver
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +51,8 @@ TASK_PREFIX = "gansteer.job."
 # Errors that end a task but leave its job fine: the same segment runs again later (the lease and the checkpoint make
 # that safe). Anything else a task lets out is unexpected: its job fails.
 _RETRYABLE = (redis.RedisError, EnqueueFailed)
+#: Header of a task message: when it was sent (epoch seconds).
+SENT_HEADER = "gansteer_sent"
 
 
 def task_name(kind: str) -> str:
@@ -66,6 +74,16 @@ def open_redis(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, health_check_interval=30, socket_keepalive=True)
 
 
+def probe_redis(url: str, timeout_s: float = 1.0) -> redis.Redis:
+    """A client for health checks and metrics: every command answers or fails within `timeout_s`, without retries,
+    so a Redis that is gone (or unreachable) is noticed at once instead of after the client's backoff."""
+    if url.startswith("memory://"):
+        return open_redis(url)
+    return redis.Redis.from_url(
+        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=RedisRetry(NoBackoff(), 0)
+    )
+
+
 _MEMORY_SERVER: Any = None
 
 
@@ -79,20 +97,25 @@ def _memory_server() -> Any:
     return _MEMORY_SERVER
 
 
-def create_store(settings: JobSettings) -> JobStore:
+def create_store(settings: JobSettings, on_transition: TransitionObserver | None = None) -> JobStore:
     return JobStore(
         open_redis(settings.settings.redis_url),
         settings.key_prefix,
         settings.result_ttl_s,
         settings.events_maxlen,
+        on_transition,
     )
 
 
 class Jobs:
-    """The Celery app plus what sends job tasks: the optimization service's and the workers' handle on the queue."""
+    """The Celery app plus what sends job tasks: the optimization service's and the workers' handle on the queue.
+    `metrics` counts what this process's tasks do; the state changes it commits go to `on_transition` (default: to
+    `metrics` too)."""
 
-    def __init__(self, settings: JobSettings) -> None:
+    def __init__(self, settings: JobSettings, on_transition: TransitionObserver | None = None) -> None:
         self.settings = settings
+        self.metrics = WorkerMetrics()
+        self.on_transition = on_transition or self.metrics.observe_transition
         self.celery = create_celery(settings, self)
         self._store: JobStore | None = None
         self._context: WorkerContext | None = None
@@ -104,7 +127,7 @@ class Jobs:
         """The job store of the submitting side (the service); workers use their context's."""
         with self._lock:
             if self._store is None:
-                self._store = create_store(self.settings)
+                self._store = create_store(self.settings, self.on_transition)
             return self._store
 
     def submit(
@@ -152,6 +175,7 @@ class Jobs:
             # The Redis transport serves lower numbers first; JobSpec.priority is "higher runs first", 0 to 9.
             priority=9 - record.priority,
             countdown=countdown or None,
+            headers={SENT_HEADER: time.time()},
         )
 
     def worker_context(self) -> WorkerContext:
@@ -162,9 +186,10 @@ class Jobs:
                     torch.set_num_threads(self.settings.settings.torch_threads)
                 self._context = WorkerContext(
                     settings=self.settings,
-                    store=create_store(self.settings),
-                    backends=Backends(self.settings.settings),
+                    store=create_store(self.settings, self.on_transition),
+                    backends=Backends(self.settings.settings, on_load=self.metrics.observe_model_load),
                     enqueue=self.enqueue,
+                    metrics=self.metrics,
                 )
                 self._context_pid = os.getpid()
             return self._context
@@ -227,15 +252,30 @@ def _register_task(app: Celery, jobs: Jobs, kind: JobKind) -> None:
     )
     def run(task: Task, job_id: str, segment: int) -> str:
         context, segment = jobs.worker_context(), int(segment)
+        started, outcome = time.time(), "error"
+        jobs.metrics.task_started(kind.name)
         try:
             outcome = run_segment(context, job_id, segment)
         except _RETRYABLE as error:
+            outcome = "retried"
             _retry(task, context, job_id, segment, error)
         except Exception as error:
             _give_up(context, job_id, segment, error)
             raise
+        finally:
+            jobs.metrics.task_finished(kind.name, kind.queue, outcome, _due(task), started, time.time())
         logger.info("job %s segment %d: %s", job_id, segment, outcome)
         return outcome
+
+
+def _due(task: Task) -> float | None:
+    """When the task's message was due: sent, or its countdown over (a retry keeps its first message's header)."""
+    sent = getattr(task.request, SENT_HEADER, None)
+    eta = task.request.eta
+    due = datetime.fromisoformat(eta).timestamp() if isinstance(eta, str) else None
+    if sent is None:
+        return due
+    return max(float(sent), due) if due is not None else float(sent)
 
 
 def _retry(task: Task, context: WorkerContext, job_id: str, segment: int, error: Exception) -> NoReturn:

@@ -153,7 +153,7 @@ class RoundStore:
             pipe.hset(self.store.job_key(job_id), mapping={k: encode_field(v) for k, v in updates.items()})
             return AnswerReceipt(AnswerOutcome.RECORDED, JobRecord(**(record.__dict__ | updates)))
 
-        return self.client.transaction(attempt, self.store.job_key(job_id), value_from_callable=True)
+        return self.store.transaction(attempt, self.store.job_key(job_id), value_from_callable=True)
 
     def close_expired(self, job_id: str) -> JobRecord | None:
         """End the wait of a job whose round has expired: the job goes back to QUEUED with its cancel flag set, so
@@ -180,7 +180,7 @@ class RoundStore:
             self.store.xadd(pipe, job_id, state_event(JobState.QUEUED, JobState.WAITING, reason))
             return JobRecord(**(record.__dict__ | updates))
 
-        return self.client.transaction(attempt, self.store.job_key(job_id), value_from_callable=True)
+        return self.store.transaction(attempt, self.store.job_key(job_id), value_from_callable=True)
 
     def interactions(self, job_id: str) -> list[opt.Interaction]:
         return [opt.Interaction.FromString(data) for data in self.client.lrange(self.log_key(job_id), 0, -1)]

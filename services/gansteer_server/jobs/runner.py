@@ -51,6 +51,7 @@ from gansteer.tensors import from_tensor_proto
 from gansteer_server.jobs.backends import Backends
 from gansteer_server.jobs.kinds import JobKind, JobRun, StepProgress, get_kind
 from gansteer_server.jobs.kinds.base import PublishingRun, RoundRun
+from gansteer_server.jobs.metrics import WorkerMetrics
 from gansteer_server.jobs.records import ClaimOutcome, JobRecord, JobState, LeaseLost, state_event
 from gansteer_server.jobs.round_store import RoundStore
 from gansteer_server.jobs.rounds import Round, answer_of, round_message
@@ -84,6 +85,7 @@ class WorkerContext:
     backends: Backends
     enqueue: Enqueue
     owner: str = ""
+    metrics: WorkerMetrics | None = None
     rounds: RoundStore = field(init=False)
 
     def __post_init__(self) -> None:
@@ -125,6 +127,9 @@ def run_segment(context: WorkerContext, job_id: str, segment: int) -> str:
     next one is queued), a final state, or `lease_lost`."""
     settings, store = context.settings, context.store
     claim = store.claim(job_id, segment, context.lease_owner, settings.lease_s, settings.max_deliveries, owner_is_dead)
+    redelivered = claim.resumed or claim.outcome is ClaimOutcome.OVER_CAP  # its last worker was lost
+    if redelivered and context.metrics is not None and claim.record is not None:
+        context.metrics.redelivered(claim.record.kind)
     if claim.outcome is ClaimOutcome.HELD:
         assert claim.record is not None
         _send(context, claim.record, segment, claim.retry_after_s + 0.05)

@@ -10,18 +10,27 @@ Key layout (every key starts with `JobSettings.key_prefix`, `gansteer:` by defau
     job:{id}:result       string  the serialized JobResult (images as float tensors)
     jobs:all              zset    every job id (score 0, ordered by id = by creation time)
     jobs:owner:{owner}    zset    the ids of one caller's jobs
+    jobs:state:{state}    set     the ids of the jobs in one unfinished state (queued, running, waiting_for_feedback)
     idem:{owner}:{hash}   string  idempotency key -> job id
 
 A finished job's keys expire after the result TTL; the indexes forget expired ids when a listing meets them. State
 changes that must not race (claiming a segment, advancing it, finishing, cancelling) are WATCH/MULTI transactions
 on the record, so the store also runs on an in-memory Redis without Lua (the embedded mode).
+
+Every state change commits through `JobStore.transaction`, which reports what it committed (`Transition`): one log
+line each, and the `on_transition` observer (the metrics). The same transaction moves the job between the
+`jobs:state:*` sets, so the number of jobs in each state is one SCARD away (`state_counts`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -38,20 +47,48 @@ from gansteer_server.jobs.records import (
 )
 from gansteer_server.proto import optimization_pb2 as opt
 
+logger = logging.getLogger(__name__)
+
 #: Seconds before a segment's message that met its predecessor still holding the lease is tried again.
 HANDOVER_RETRY_S = 0.25
 #: Suffixes of the keys `RoundStore` keeps per job (round, interaction log, answer keys, raters).
 ROUND_KEYS = ("round", "interactions", "answer_keys", "raters")
+_STATES = {state.proto: state for state in JobState}
+UNFINISHED = tuple(state for state in JobState if not state.terminal)
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A committed change of a job's state (`previous` None: the job was created)."""
+
+    job_id: str
+    kind: str
+    previous: JobState | None
+    state: JobState
+    duration_s: float  # since the job was created: for a final state, the job's whole duration
+    run_s: float  # compute time so far, summed over its segments
+
+
+TransitionObserver = Callable[[Transition], None]
 
 
 class JobStore:
     """Reads and writes job records, events, checkpoints and results in one Redis database."""
 
-    def __init__(self, client: redis.Redis, prefix: str, result_ttl_s: int, events_maxlen: int = 10_000) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str,
+        result_ttl_s: int,
+        events_maxlen: int = 10_000,
+        on_transition: TransitionObserver | None = None,
+    ) -> None:
         self.client = client
         self.prefix = prefix
         self.result_ttl_s = result_ttl_s
         self.events_maxlen = events_maxlen
+        self.on_transition = on_transition
+        self._pending = threading.local()  # the state changes queued by this thread's transaction in progress
 
     # --- keys ----------------------------------------------------------------------------------------------
 
@@ -72,6 +109,9 @@ class JobStore:
 
     def index_key(self, owner: str | None) -> str:
         return f"{self.prefix}jobs:all" if owner is None else f"{self.prefix}jobs:owner:{owner}"
+
+    def state_key(self, state: JobState) -> str:
+        return f"{self.prefix}jobs:state:{state.value}"
 
     def idempotency_key(self, owner: str, key: str) -> str:
         return f"{self.prefix}idem:{owner}:{hashlib.sha256(key.encode()).hexdigest()[:32]}"
@@ -140,7 +180,7 @@ class JobStore:
             return record, False
 
         watches = [idem_key] if idem_key else []
-        return self.client.transaction(write, *watches, value_from_callable=True)
+        return self.transaction(write, *watches, value_from_callable=True)
 
     def get(self, job_id: str) -> JobRecord | None:
         data = self.client.hgetall(self.job_key(job_id))
@@ -209,7 +249,7 @@ class JobStore:
                 self._queue_finish(pipe, record, JobState.CANCELLED, now, message=message)
             return record
 
-        self.client.transaction(cancel, self.job_key(job_id), value_from_callable=True)
+        self.transaction(cancel, self.job_key(job_id), value_from_callable=True)
         return self.get(job_id)
 
     def abort(self, job_id: str, message: str, reason: str, *, segment: int | None = None, owner: str = "") -> bool:
@@ -234,7 +274,7 @@ class JobStore:
             self._queue_finish(pipe, record, JobState.FAILED, now, message=message, reason=reason)
             return True
 
-        return self.client.transaction(fail, self.job_key(job_id), value_from_callable=True)
+        return self.transaction(fail, self.job_key(job_id), value_from_callable=True)
 
     def find_idempotent(self, owner: str, key: str) -> JobRecord | None:
         """The job an earlier submission with this idempotency key created, while it is kept."""
@@ -328,7 +368,7 @@ class JobStore:
             claimed = JobRecord(**(record.__dict__ | updates))
             return Claim(ClaimOutcome.RUN, claimed, resumed=same_segment and deliveries > 1 and not retried)
 
-        return self.client.transaction(attempt, self.job_key(job_id), value_from_callable=True)
+        return self.transaction(attempt, self.job_key(job_id), value_from_callable=True)
 
     def check(self, job_id: str, owner: str, lease_s: float | None = None) -> bool:
         """Between steps: False when the lease is no longer ours (the worker must stop at once), else whether a
@@ -354,11 +394,13 @@ class JobStore:
 
     def progress(self, job_id: str, event: opt.JobEvent, updates: Mapping[str, Any]) -> None:
         """Append a progress or preview event and update the record's progress fields, in one round trip."""
-        pipe = self.client.pipeline(transaction=False)
-        self.xadd(pipe, job_id, event)
-        if updates:
-            pipe.hset(self.job_key(job_id), mapping={k: encode_field(v) for k, v in updates.items()})
-        pipe.execute()
+        with self._collecting() as changes:
+            pipe = self.client.pipeline(transaction=False)
+            self.xadd(pipe, job_id, event)
+            if updates:
+                pipe.hset(self.job_key(job_id), mapping={k: encode_field(v) for k, v in updates.items()})
+            pipe.execute()
+        self._report(changes)
 
     def append_event(self, job_id: str, event: opt.JobEvent) -> None:
         self.progress(job_id, event, {})
@@ -399,7 +441,7 @@ class JobStore:
             pipe.hset(self.job_key(job_id), mapping={k: encode_field(v) for k, v in updates.items()})
             pipe.hdel(self.job_key(job_id), "retry_pending", "segment_retries")
 
-        self.client.transaction(write, self.job_key(job_id))
+        self.transaction(write, self.job_key(job_id))
 
     def release(self, job_id: str, owner: str) -> None:
         """Give the lease up for a transient retry of the segment (a model service or Redis failed for a moment);
@@ -449,7 +491,90 @@ class JobStore:
                 pipe, record, state, now, message=message, reason=reason, has_result=result is not None, extra=extra
             )
 
-        self.client.transaction(write, self.job_key(job_id))
+        self.transaction(write, self.job_key(job_id))
+
+    # --- state changes: reported once committed --------------------------------------------------------------
+
+    def transaction(
+        self, func: Callable[[redis.client.Pipeline], Any], *watches: str, value_from_callable: bool = False
+    ) -> Any:
+        """`client.transaction`, then each state change it committed is logged and told to `on_transition`."""
+        with self._collecting() as changes:
+
+            def attempt(pipe: redis.client.Pipeline) -> Any:
+                changes.clear()  # a WATCH conflict runs `func` again: only the last run's changes commit
+                return func(pipe)
+
+            value = self.client.transaction(attempt, *watches, value_from_callable=value_from_callable)
+        self._report(changes)
+        return value
+
+    def state_counts(self) -> dict[JobState, int]:
+        """How many jobs are in each unfinished state (jobs recorded before the state sets existed are missing)."""
+        pipe = self.client.pipeline(transaction=False)
+        for state in UNFINISHED:
+            pipe.scard(self.state_key(state))
+        return dict(zip(UNFINISHED, (int(n) for n in pipe.execute()), strict=True))
+
+    @contextmanager
+    def _collecting(self) -> Iterator[list[tuple[str, JobState | None, JobState]]]:
+        changes: list[tuple[str, JobState | None, JobState]] = []
+        self._pending.changes = changes
+        try:
+            yield changes
+        finally:
+            self._pending.changes = None
+
+    def _note_state_change(self, pipe: redis.client.Pipeline, job_id: str, change: opt.StateChange) -> None:
+        """Queue (in the event's pipeline) the move between the state sets; remember the change for `_report`."""
+        state, previous = _STATES[change.state], _STATES.get(change.previous)
+        if state is previous:
+            return  # an event about the job (resumed, queued again by the sweeper), not a change of state
+        if previous is not None and not previous.terminal:
+            pipe.srem(self.state_key(previous), job_id)
+        if not state.terminal:
+            pipe.sadd(self.state_key(state), job_id)
+        pending = getattr(self._pending, "changes", None)
+        if pending is not None:
+            pending.append((job_id, previous, state))
+
+    def _report(self, changes: list[tuple[str, JobState | None, JobState]]) -> None:
+        """One INFO line per committed change, and the observer. The kind and times are read back in one round
+        trip; a Redis failure then costs the kind, never the line."""
+        if not changes:
+            return
+        now = time.time()
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for job_id, _, _ in changes:
+                pipe.hmget(self.job_key(job_id), ["kind", "created", "run_seconds"])
+            replies = pipe.execute()
+        except redis.RedisError:
+            replies = [[None, None, None]] * len(changes)
+        for (job_id, previous, state), (kind, created, run_s) in zip(changes, replies, strict=True):
+            started = float(created) if created else int(job_id[:12], 16) / 1000  # ids begin with the creation ms
+            transition = Transition(
+                job_id, kind.decode() if kind else "", previous, state, now - started, float(run_s or 0.0)
+            )
+            shown = previous.value if previous is not None else "new"
+            logger.info(
+                "job %s (%s): %s -> %s after %.3f s",
+                job_id,
+                transition.kind,
+                shown,
+                state.value,
+                transition.duration_s,
+                extra={
+                    "job_id": job_id,
+                    "kind": transition.kind,
+                    "from_state": shown,
+                    "to_state": state.value,
+                    "duration_s": round(transition.duration_s, 3),
+                    "run_s": round(transition.run_s, 3),
+                },
+            )
+            if self.on_transition is not None:
+                self.on_transition(transition)
 
     # --- helpers ----------------------------------------------------------------------------------------------
 
@@ -498,6 +623,8 @@ class JobStore:
             event.time.GetCurrentTime()
         key = self.events_key(job_id)
         pipe.xadd(key, {"e": event.SerializeToString()}, maxlen=self.events_maxlen, approximate=True)
+        if event.HasField("state_change"):
+            self._note_state_change(pipe, job_id, event.state_change)
 
     def scan_keys(self) -> Iterator[bytes]:
         """Every key under this store's prefix (tests clean up with it)."""

@@ -28,6 +28,9 @@ from gansteer_server.models.registry import ModelRegistry
 # How long `name` (newest version) stays resolved before the registry folders are read again; a new version
 # registered by a tuning job is served within this time. `name@version` never changes and is cached for good.
 RESOLVE_TTL_S = 1.0
+#: Told of every model a store loads: (model ref, runtime `torch` or `onnx`, seconds the load took); the services'
+#: and workers' metrics observe load times and loaded models through it.
+LoadObserver = Callable[[str, str, float], None]
 
 
 class ModelStore:
@@ -40,8 +43,10 @@ class ModelStore:
         *,
         device: str | torch.device = "cpu",
         onnx_threads: int | None = None,
+        on_load: LoadObserver | None = None,
     ) -> None:
         self.registry = registry
+        self.on_load = on_load
         self.onnx_models = frozenset(onnx_models)
         self.device = torch.device(device)
         self._onnx_threads = onnx_threads
@@ -85,11 +90,13 @@ class ModelStore:
                     raise ModelUnavailable(
                         f"{card.ref} is stored as ONNX only and cannot compute gradients", "FORWARD_ONLY"
                     )
+                started = time.perf_counter()
                 loaded = self.registry.load(card.ref, self.device)
                 assert isinstance(loaded, nn.Module)
                 for parameter in loaded.parameters():  # gradients flow to inputs only (safe to share)
                     parameter.requires_grad_(False)
                 module = self._torch[card.ref] = loaded.eval()
+                self._loaded(card.ref, "torch", started)
             return module
 
     def onnx_model(self, card: ModelCard) -> OnnxModel:
@@ -98,10 +105,16 @@ class ModelStore:
         with self._lock:
             model = self._onnx.get(card.ref)
             if model is None:
+                started = time.perf_counter()
                 folder = self.registry.resolve(card.ref).folder
                 path = folder / (card.weights if card.format == "onnx" else str(card.onnx))
                 model = self._onnx[card.ref] = OnnxModel(path, self.device, threads=self._onnx_threads)
+                self._loaded(card.ref, "onnx", started)
             return model
+
+    def _loaded(self, ref: str, runtime: str, started: float) -> None:
+        if self.on_load is not None:
+            self.on_load(ref, runtime, time.perf_counter() - started)
 
     def forward_model(self, card: ModelCard) -> Callable[..., Any]:
         """What forward-only requests call: the ONNX session where configured, else the torch module."""

@@ -1,4 +1,4 @@
-"""Assemble a service: gRPC server, interceptors, health, reflection, batching and metrics.
+"""Assemble a service: gRPC server, interceptors, health (liveness and readiness), reflection, batching and metrics.
 
 `start_generation_server(settings)` and `start_scoring_server(settings)` start a service in this process and return
 a `RunningService` (the tests, the embedded mode and the console scripts all use them). Models load on first use,
@@ -22,9 +22,11 @@ from gansteer_server.models.store import ModelStore
 from gansteer_server.proto import generation_pb2, generation_pb2_grpc, scoring_pb2, scoring_pb2_grpc
 from gansteer_server.servers.auth import ApiKeyInterceptor
 from gansteer_server.servers.batching import BatcherPool
+from gansteer_server.servers.calls import CallInterceptor
 from gansteer_server.servers.errors import ErrorInterceptor
 from gansteer_server.servers.generation import GenerationServicer
 from gansteer_server.servers.metrics import ServiceMetrics
+from gansteer_server.servers.readiness import Readiness, report_serving
 from gansteer_server.servers.scoring import ScoringServicer
 from gansteer_server.wire.validation import Limits
 
@@ -52,6 +54,7 @@ class RunningService:
     batchers: BatcherPool
     health: health.HealthServicer
     store: ModelStore
+    readiness: Readiness
 
     @property
     def address(self) -> str:
@@ -61,6 +64,7 @@ class RunningService:
     def stop(self, grace: float | None = DEFAULT_GRACE_S) -> None:
         """Report NOT_SERVING, refuse new calls, let in-flight ones finish within `grace`, drain the batchers."""
         logger.info("stopping %s (grace %s s)", self.name, grace, extra={"service": self.name})
+        self.readiness.stop()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         self.batchers.close()
@@ -111,9 +115,9 @@ def start_scoring_server(
 
 
 def new_grpc_server(name: str, settings: Settings, metrics: ServiceMetrics) -> grpc.Server:
-    """A gRPC server with the shared interceptors (errors, then API keys when auth is on) and message limits: every
-    gansteer service is built by this one function."""
-    interceptors: list[grpc.ServerInterceptor] = [ErrorInterceptor(metrics.observe_call)]
+    """A gRPC server with the shared interceptors (metrics and the log line of each call, errors, then API keys when
+    auth is on) and message limits: every gansteer service is built by this one function."""
+    interceptors: list[grpc.ServerInterceptor] = [CallInterceptor(metrics), ErrorInterceptor()]
     if settings.auth_enabled:
         interceptors.append(ApiKeyInterceptor(settings.api_keys))
     return grpc.server(
@@ -129,7 +133,8 @@ def new_grpc_server(name: str, settings: Settings, metrics: ServiceMetrics) -> g
 
 def serve_grpc(server: grpc.Server, name: str, service: str, host: str, port: int) -> tuple[int, health.HealthServicer]:
     """Add health checking and reflection, bind `host:port` (0: any free port), start, report SERVING; returns the
-    bound port and the health servicer (graceful shutdown flips it to NOT_SERVING)."""
+    bound port and the health servicer (graceful shutdown flips it to NOT_SERVING; `Readiness` keeps it in step with
+    the service's dependencies)."""
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -139,8 +144,7 @@ def serve_grpc(server: grpc.Server, name: str, service: str, host: str, port: in
     if bound == 0:
         raise OSError(f"the {name} service could not bind {host}:{port}")
     server.start()
-    for served in ("", service):
-        health_servicer.set(served, health_pb2.HealthCheckResponse.SERVING)
+    report_serving(health_servicer, service)
     return bound, health_servicer
 
 
@@ -159,6 +163,7 @@ def _start(
         registry or ModelRegistry(settings.registry_paths),
         settings.onnx_models,
         onnx_threads=settings.torch_threads or None,
+        on_load=metrics.observe_model_load,
     )
     batchers = BatcherPool(
         max_batch=settings.max_batch,
@@ -169,6 +174,8 @@ def _start(
     add_servicer(server, store, batchers, Limits(settings.max_images_per_request, settings.max_image_pixels))
     host = settings.host
     bound, health_servicer = serve_grpc(server, name, service, host, port)
+    readiness = Readiness(name, health_servicer, service, {}, metrics)  # no dependency outside the process
+    readiness.start()
     bound_metrics = metrics.serve(metrics_port, host)
     logger.info(
         "%s service on %s:%d (auth %s, max batch %d, max delay %g ms)",
@@ -180,4 +187,6 @@ def _start(
         settings.max_delay_ms,
         extra={"service": name, "port": bound, "metrics_port": bound_metrics},
     )
-    return RunningService(name, server, bound, host, metrics, bound_metrics, batchers, health_servicer, store)
+    return RunningService(
+        name, server, bound, host, metrics, bound_metrics, batchers, health_servicer, store, readiness
+    )

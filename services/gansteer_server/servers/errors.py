@@ -10,7 +10,6 @@ serving.
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,15 +22,10 @@ from gansteer_server.wire.errors import ServiceError, translate
 logger = logging.getLogger(__name__)
 
 ERROR_DETAILS_KEY = "gansteer-error-details-bin"
-# Observer of every finished call: (full method name, status code, seconds).
-CallObserver = Callable[[str, grpc.StatusCode, float], None]
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Outermost interceptor: translates errors into statuses and reports every call to `observer` (metrics)."""
-
-    def __init__(self, observer: CallObserver | None = None) -> None:
-        self._observer = observer
+    """Translates errors into statuses, inside the interceptor that measures and logs each call (`calls.py`)."""
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None], details: Any
@@ -45,24 +39,18 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         if streaming:
 
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                start = time.perf_counter()
                 try:
                     yield from behaviour(request, context)
                 except BaseException as error:  # every error becomes a status, never a crash
                     self._abort(context, error, method)
-                finally:
-                    self._observe(method, context, start)
 
             return stream
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
-            start = time.perf_counter()
             try:
                 return behaviour(request, context)
             except BaseException as error:
                 self._abort(context, error, method)
-            finally:
-                self._observe(method, context, start)
 
         return unary
 
@@ -85,8 +73,8 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             service_error = ServiceError(
                 grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); the server logged it", "", "INTERNAL"
             )
-        else:
-            logger.info(
+        else:  # the call's own log line (calls.py) says it at INFO, with the message cut short
+            logger.debug(
                 "refused %s: %s %s",
                 method,
                 service_error.code.name,
@@ -95,12 +83,6 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             )
         context.set_trailing_metadata(((ERROR_DETAILS_KEY, service_error.details().SerializeToString()),))
         context.abort(service_error.code, service_error.status_message)
-
-    def _observe(self, method: str, context: grpc.ServicerContext, start: float) -> None:
-        if self._observer is None:
-            return
-        code = context.code() if hasattr(context, "code") else None
-        self._observer(method, code or grpc.StatusCode.OK, time.perf_counter() - start)
 
 
 def _is_abort(context: grpc.ServicerContext) -> bool:

@@ -6,45 +6,17 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import signal
 import sys
 import threading
-import time
 from typing import Any
 
 import torch
 
 from gansteer_server.config import ConfigError, Settings, settings_table
+from gansteer_server.logs import configure_logging
 from gansteer_server.servers.app import DEFAULT_GRACE_S, RunningService, start_generation_server, start_scoring_server
-
-# Attributes every LogRecord has; anything else was passed with `extra=` and goes into the JSON object.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, the `extra` fields and any traceback."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")})
-        if record.exc_info:
-            entry["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
-
-
-def configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
 
 
 def _start(service: str, settings: Settings) -> RunningService | Any:

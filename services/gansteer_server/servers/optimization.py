@@ -25,8 +25,9 @@ from grpc_health.v1 import health
 from gansteer.tensors import from_tensor_proto
 from gansteer_server.algorithms.search import optimizer_catalog
 from gansteer_server.config import Settings
-from gansteer_server.jobs.celery_app import Jobs
+from gansteer_server.jobs.celery_app import Jobs, probe_redis
 from gansteer_server.jobs.kinds import SubmitContext, get_kind, kind_names
+from gansteer_server.jobs.metrics import JobMetrics
 from gansteer_server.jobs.records import JobRecord, JobState
 from gansteer_server.jobs.round_store import AnswerOutcome, RoundStore
 from gansteer_server.jobs.rounds import check_answer, interaction, pseudonym
@@ -38,7 +39,9 @@ from gansteer_server.proto import common_pb2, optimization_pb2_grpc
 from gansteer_server.proto import optimization_pb2 as opt
 from gansteer_server.servers.app import new_grpc_server, serve_grpc
 from gansteer_server.servers.auth import caller_id
+from gansteer_server.servers.calls import current_request_id
 from gansteer_server.servers.metrics import ServiceMetrics
+from gansteer_server.servers.readiness import Check, Readiness
 from gansteer_server.wire.convert import image_batch
 from gansteer_server.wire.errors import ServiceError, invalid_argument, not_found
 
@@ -143,7 +146,12 @@ class OptimizationServicer(optimization_pb2_grpc.OptimizationServiceServicer):
             labels=dict(spec.labels),
             idempotency_key=spec.idempotency_key,
         )
-        logger.info("job %s (%s) queued", record.id, kind_name, extra={"job_id": record.id, "kind": kind_name})
+        logger.info(
+            "job %s (%s) queued",
+            record.id,
+            kind_name,
+            extra={"job_id": record.id, "kind": kind_name, "request_id": current_request_id()},
+        )
         return opt.SubmitJobResponse(job_id=record.id, existing=existing, job=record.to_proto())
 
     def _close_if_expired(self, record: JobRecord) -> bool:
@@ -333,6 +341,7 @@ class RunningOptimizationService:
     metrics: ServiceMetrics
     metrics_port: int
     health: health.HealthServicer
+    readiness: Readiness
 
     @property
     def address(self) -> str:
@@ -342,6 +351,7 @@ class RunningOptimizationService:
     sweeper: Sweeper | None = None
 
     def stop(self, grace: float | None = DEFAULT_GRACE_S) -> None:
+        self.readiness.stop()
         self.health.enter_graceful_shutdown()
         if self.sweeper is not None:
             self.sweeper.stop()
@@ -361,11 +371,13 @@ def start_optimization_server(
     base = job_settings.settings
     metrics = ServiceMetrics("optimization")
     server = new_grpc_server("optimization", base, metrics)
-    jobs = Jobs(job_settings)
+    jobs = Jobs(job_settings, on_transition=JobMetrics(metrics.registry).observe_transition)
     catalog = ModelStore(registry or ModelRegistry(base.registry_paths))
     optimization_pb2_grpc.add_OptimizationServiceServicer_to_server(OptimizationServicer(jobs, catalog), server)
     host, port = base.host, base.optimization_port if port is None else port
     bound, health_servicer = serve_grpc(server, "optimization", OPTIMIZATION_SERVICE, host, port)
+    readiness = Readiness("optimization", health_servicer, OPTIMIZATION_SERVICE, _dependencies(job_settings), metrics)
+    readiness.start()
     bound_metrics = metrics.serve(base.optimization_metrics_port if metrics_port is None else metrics_port, host)
     logger.info(
         "optimization service on %s:%d (auth %s, broker %s)",
@@ -379,4 +391,14 @@ def start_optimization_server(
     if job_settings.sweep_interval_s > 0:
         sweeper = Sweeper(jobs.store, job_settings, jobs.enqueue, job_settings.sweep_interval_s)
         sweeper.start()
-    return RunningOptimizationService(server, bound, host, jobs, metrics, bound_metrics, health_servicer, sweeper)
+    return RunningOptimizationService(
+        server, bound, host, jobs, metrics, bound_metrics, health_servicer, readiness, sweeper
+    )
+
+
+def _dependencies(settings: JobSettings) -> dict[str, Check]:
+    """Readiness checks: the job store's Redis, and the broker's when it is another one."""
+    checks: dict[str, Check] = {"redis": probe_redis(settings.settings.redis_url).ping}
+    if settings.broker != settings.settings.redis_url and not settings.broker.startswith("memory://"):
+        checks["broker"] = probe_redis(settings.broker).ping
+    return checks
