@@ -163,8 +163,10 @@ def test_services_are_probed_on_grpc_health_at_the_configured_ports(variant: str
         grpc_port, metrics_port = PORTS[name]
         spec = container(deployments[name])
         assert {p["name"]: p["containerPort"] for p in spec["ports"]} == {"grpc": grpc_port, "metrics": metrics_port}
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        for probe in ("startupProbe", "readinessProbe"):
             assert spec[probe]["grpc"] == {"port": grpc_port}, f"{variant}: {name} {probe}"
+        # Liveness asks the health name that stays SERVING through a dependency's outage (docs/operations.md).
+        assert spec["livenessProbe"]["grpc"] == {"port": grpc_port, "service": "liveness"}, f"{variant}: {name}"
         assert {p["name"]: p["port"] for p in services[name]["spec"]["ports"]} == {
             "grpc": grpc_port,
             "metrics": metrics_port,
