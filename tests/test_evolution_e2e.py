@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from job_fixtures import CLF, GEN, JobStack, make_settings, target_png
 
-from gansteer import Client, InvalidArgument, JobState, RoundClosed
+from gansteer import Client, InvalidArgument, JobState, RoundClosed, load_result
 from gansteer.simulate import SimulatedPerson, Target
 from gansteer.types import Round
 from gansteer_server.servers.app import start_generation_server, start_scoring_server
@@ -139,4 +139,5 @@ def test_the_cli_runs_an_evolution_answered_by_a_simulated_person(
     connection = ["--target", optimization, "--generation-target", generation, "--scoring-target", scoring, "-q"]
     evolve = ["evolve", "--model", GEN, "--rounds", "2", "--mu", "2", "--offspring", "3", "--out", str(out)]
     code = main([*connection, *evolve, "--simulate", str(target), "--perceive-with", CLF])
-    assert code == 0 and (out / "pick-0.png").is_file()
+    assert code == 0 and (out / "result_0.png").is_file()
+    assert load_result(out).generator == f"{GEN}@1"  # the picks saved with what regenerates them

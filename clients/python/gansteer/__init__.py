@@ -48,6 +48,7 @@ from gansteer.kinds import (
     LatentSearchOptions,
     LatentSearchResult,
 )
+from gansteer.saved import SavedResult, load_result
 from gansteer.types import (
     Answer,
     AnswerKind,
@@ -134,6 +135,7 @@ __all__ = [
     "Round",
     "RoundClosed",
     "RoundItem",
+    "SavedResult",
     "ScoreOutput",
     "ScoreResult",
     "ScorerInfo",
@@ -144,4 +146,5 @@ __all__ = [
     "Unimplemented",
     "__version__",
     "embedded",
+    "load_result",
 ]

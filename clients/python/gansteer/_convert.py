@@ -309,7 +309,9 @@ def job_status(job: optimization_pb2.Job) -> JobStatus:
     )
 
 
-def job_result(result: optimization_pb2.JobResult, *, result_type: type[JobResult] = JobResult) -> JobResult:
+def job_result(
+    result: optimization_pb2.JobResult, *, result_type: type[JobResult] = JobResult, kind: str = ""
+) -> JobResult:
     """A JobResult (of the kind's `result_type`, e.g. InversionResult) with images decoded and arrays copied out."""
     latents = optional_array(result.latents, field="result.latents")
     values = {
@@ -329,10 +331,15 @@ def job_result(result: optimization_pb2.JobResult, *, result_type: type[JobResul
             name: tensors.from_tensor_proto(t, field=f"result.tensors[{name}]", copy=True)
             for name, t in result.tensors.items()
         },
+        generator=ref_text(result.generator),
+        class_ids=tuple(result.class_ids),
+        kind=kind,
     )
 
 
-def job_event(event: optimization_pb2.JobEvent, *, result_type: type[JobResult] = JobResult) -> JobEvent:
+def job_event(
+    event: optimization_pb2.JobEvent, *, result_type: type[JobResult] = JobResult, kind: str = ""
+) -> JobEvent:
     """The typed event for one WatchJob message; an unknown payload (a newer server) becomes a bare JobEvent."""
     base: dict[str, Any] = {"event_id": event.event_id, "job_id": event.job_id, "time": _time(event.time)}
     payload = event.WhichOneof("payload")
@@ -365,7 +372,7 @@ def job_event(event: optimization_pb2.JobEvent, *, result_type: type[JobResult] 
             feedback_round=feedback_round(r, job_id=event.job_id),
         )
     if payload == "result":
-        return ResultEvent(**base, result=job_result(event.result, result_type=result_type))
+        return ResultEvent(**base, result=job_result(event.result, result_type=result_type, kind=kind))
     return JobEvent(**base)
 
 

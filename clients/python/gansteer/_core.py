@@ -37,6 +37,7 @@ from gansteer.kinds.embedding_am import EMBEDDING_AM, EmbeddingAMOptions, embedd
 from gansteer.kinds.evolution import EVOLUTION, EvolutionOptions, evolution_spec
 from gansteer.kinds.inversion import INVERSION, InversionOptions, inversion_spec
 from gansteer.kinds.latent_search import LATENT_SEARCH, LatentSearchOptions, latent_search_spec
+from gansteer.saved import SavedInput, load_result
 from gansteer.types import (
     Answer,
     FeedbackResult,
@@ -129,6 +130,27 @@ class Core:
             latents=latents,
             embeddings=embeddings,
             card=card,
+        )
+        response = yield from self.unary(Call("generation", "Generate", request, timeout))
+        return _convert.generation_result(response)
+
+    def regenerate(self, saved: SavedInput, *, timeout: float | None) -> Steps[GenerationResult]:
+        """The saved result's images, rendered again by its pinned generator from its latents and conditions."""
+        result = load_result(saved)
+        if "@" not in result.generator or len(result.latents) != len(result.images):
+            raise _specs._invalid(
+                "saved",
+                f"{result.path} lacks the pinned generator or the latents: the server that ran the job kept none",
+            )
+        request = _specs.generate_request(
+            result.generator,
+            len(result.latents),
+            seed=0,
+            classes=list(result.class_ids) or None,
+            truncation=None,
+            latents=result.latents,
+            embeddings=None if result.class_ids else result.class_embeddings,
+            card=None,
         )
         response = yield from self.unary(Call("generation", "Generate", request, timeout))
         return _convert.generation_result(response)
@@ -227,7 +249,7 @@ class Core:
     def get_result(self, job_id: str, *, kind: str, timeout: float | None) -> Steps[JobResult]:
         request = optimization_pb2.GetResultRequest(job_id=job_id)
         response = yield from self.unary(Call("optimization", "GetResult", request, timeout))
-        return _convert.job_result(response.result, result_type=result_type(kind))
+        return _convert.job_result(response.result, result_type=result_type(kind), kind=kind)
 
     def watch_job(
         self, job_id: str, *, after_event_id: str, previews: bool, kind: str, deadline: float | None
@@ -282,7 +304,7 @@ class Core:
                     break
                 received, failures, failing_since = True, 0, None
                 last = message.event_id or last
-                event = _convert.job_event(message, result_type=results)
+                event = _convert.job_event(message, result_type=results, kind=kind)
                 outcome = handle(event)
                 stop = outcome if isinstance(outcome, bool) else (yield from outcome)
                 if stop or (isinstance(event, StateChanged) and event.state.terminal):

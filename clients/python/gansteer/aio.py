@@ -33,6 +33,7 @@ from gansteer._transport import CHANNEL_OPTIONS, DEFAULT_TARGET, auth_metadata, 
 from gansteer.client import STUBS
 from gansteer.errors import GansteerError, from_rpc_error
 from gansteer.kinds import EmbeddingAMOptions, EvolutionOptions, InversionOptions, LatentSearchOptions
+from gansteer.saved import SavedInput
 from gansteer.types import (
     Answer,
     AsyncRater,
@@ -200,6 +201,10 @@ class AsyncClient:
             timeout=timeout,
         )
         return await self._run(operation)
+
+    async def regenerate(self, saved: SavedInput, *, timeout: float | None = None) -> GenerationResult:
+        """As `Client.regenerate`."""
+        return await self._run(self._core.regenerate(saved, timeout=timeout))
 
     async def scorers(self, model_kind: str | None = None) -> list[ScorerInfo]:
         return await self._run(self._core.scorers(model_kind))

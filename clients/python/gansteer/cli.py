@@ -35,6 +35,7 @@ from gansteer.kinds.evolution import EvolutionOptions
 from gansteer.kinds.inversion import DEFAULT_BUDGET, InversionOptions
 from gansteer.kinds.latent_search import DEFAULT_BUDGET as SEARCH_BUDGET
 from gansteer.kinds.latent_search import LatentSearchOptions
+from gansteer.saved import load_result
 from gansteer.types import Answer, JobState, OptimizerInfo, Round, StateChanged
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_UNAVAILABLE, EXIT_JOB_FAILED = 0, 1, 2, 3, 4, 5, 6
@@ -151,6 +152,10 @@ def _optimizer_default(optimizer: OptimizerInfo) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.from_result is not None:
+        return _regenerate(args)
+    if args.model is None:
+        raise errors.InvalidArgument("give a generator, or --from a saved result")
     classes = [int(c) if c.isdigit() else c for c in args.classes] if args.classes else None
     with _client(args) as client:
         result = client.generate(args.model, args.n, seed=args.seed, classes=classes, truncation=args.truncation)
@@ -173,6 +178,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _regenerate(args: argparse.Namespace) -> int:
+    """`generate --from`: a saved result's images rendered again, each compared with the saved one."""
+    flags = (("MODEL", args.model), ("--class", args.classes), ("--truncation", args.truncation))
+    given = [flag for flag, value in flags if value is not None]
+    if given:
+        raise errors.InvalidArgument(f"--from takes everything from the saved result; drop {', '.join(given)}")
+    saved = load_result(args.from_result)
+    with _client(args) as client:
+        result = client.regenerate(saved)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"image_{i}.png" for i in range(len(result.images))]
+    for image, path in zip(result.images, paths, strict=True):
+        image.save(path)
+    identical = [
+        np.array_equal(np.asarray(new), np.asarray(old))
+        for new, old in zip(result.images, saved.load_images(), strict=True)
+    ]
+    document = {"model": result.model, "from": saved.path, "images": paths, "identical": identical}
+    same = sum(identical)
+    _emit(args, document, lambda: "\n".join([*map(str, paths), f"{same} of {len(paths)} identical to the saved"]))
+    return EXIT_OK
+
+
 def _wait_and_save(
     args: argparse.Namespace, job: Job, targets: Sequence[Any] | None, *, cancel_on_interrupt: bool = False
 ) -> int:
@@ -188,14 +217,16 @@ def _wait_and_save(
 
 
 def _save(args: argparse.Namespace, job: Job, targets: Sequence[Any] | None) -> int:
-    """Prints the result's metrics and, with --out, writes targets, results, grid, latents and metrics."""
+    """Prints the result's metrics and, with --out, writes targets, results, result.json (what regenerates them),
+    grid, latents and metrics."""
     result = job.result(wait=False)
     document: dict[str, Any] = {"job_id": job.id, "metrics": result.metrics, "items": result.item_metrics}
     lines = [f"job {job.id} succeeded"]
     if args.out:
+        spec = job.spec()
         saved = save_inversion(result, list(targets) if targets is not None else job.targets(), args.out)
-        document.update(files=saved)
-        lines += [f"grid: {saved.grid}", *(f"result: {p}" for p in saved.results)]
+        document.update(files=saved, result=result.save(args.out, spec=spec).path)
+        lines += [f"grid: {saved.grid}", *(f"result: {p}" for p in saved.results), f"saved: {document['result']}"]
     for i, item in enumerate(result.item_metrics):
         lines.append(f"target {i}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(item.items())))
     _emit(args, document, lambda: "\n".join(lines))
@@ -365,10 +396,15 @@ def cmd_evolve(args: argparse.Namespace) -> int:
         if status.state is not JobState.SUCCEEDED:
             raise errors.JobFailed(status)
         result = job.result(wait=False)
-        paths = [out / f"pick-{i}.png" for i in range(len(result.images))]
-        for image, path in zip(result.images, paths, strict=True):
-            image.save(path)
-        document = {"job_id": job.id, "metrics": result.metrics, "picks": paths, "rounds": len(job.interactions())}
+        saved = result.save(out, spec=job.spec())
+        paths = saved.images
+        document = {
+            "job_id": job.id,
+            "metrics": result.metrics,
+            "picks": paths,
+            "result": saved.path,
+            "rounds": len(job.interactions()),
+        }
         _emit(args, document, lambda: "\n".join([f"job {job.id} succeeded", *(str(p) for p in paths)]))
         return EXIT_OK
 
@@ -426,21 +462,20 @@ def cmd_search(args: argparse.Namespace) -> int:
             print(f"cancelled job {job.id}", file=sys.stderr)
             raise
         result = job.result(wait=False)
+        spec = job.spec() if args.out else None
     document: dict[str, Any] = {"job_id": job.id, "metrics": result.metrics, "items": result.item_metrics}
     lines = [f"job {job.id} succeeded"] + [
         f"{name} {value:.4g}" for name, value in sorted(result.metrics.items()) if name not in ("steps",)
     ]
     if args.out:
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = [out / f"result_{i}.png" for i in range(len(result.images))]
-        for image, path in zip(result.images, paths, strict=True):
-            image.save(path)
+        saved = result.save(out, spec=spec)
         image_grid([result.images]).save(out / "grid.png")
         np.save(out / "latents.npy", result.latents)
         (out / "metrics.json").write_text(json.dumps(_plain(document), indent=2))
-        document["files"] = {"results": paths, "grid": out / "grid.png", "latents": out / "latents.npy"}
-        lines.append(f"grid: {out / 'grid.png'}")
+        files = {"results": saved.images, "grid": out / "grid.png", "latents": out / "latents.npy"}
+        document["files"] = {**files, "result": saved.path}
+        lines += [f"grid: {out / 'grid.png'}", f"saved: {saved.path}"]
     for i, item in enumerate(result.item_metrics):
         shown = ("class_id", "objective", "robustness", "judge_prob", "realism")
         lines.append(f"result {i}: " + ", ".join(f"{k} {item[k]:.4g}" for k in shown if k in item))
@@ -520,6 +555,7 @@ def cmd_am(args: argparse.Namespace) -> int:
             print(f"cancelled job {job.id}", file=sys.stderr)
             raise
         result = cast(EmbeddingAMResult, job.result(wait=False))
+        spec = job.spec() if args.out else None
     trials = [{"metrics": t.metrics, "chosen": t.chosen} for t in result.trials]
     document: dict[str, Any] = {
         "job_id": job.id,
@@ -537,8 +573,9 @@ def cmd_am(args: argparse.Namespace) -> int:
         rows = [list(samples) for samples in zip(*result.grid, strict=True)]  # a column per embedding, the same z
         image_grid(rows, header=header).save(out / "grid.png")
         np.save(out / "embedding.npy", result.trials[result.chosen].embedding)
-        document["files"] = {"grid": out / "grid.png", "embedding": out / "embedding.npy"}
-        lines += [f"grid: {out / 'grid.png'}", f"embedding: {out / 'embedding.npy'}"]
+        saved = result.save(out, spec=spec)
+        document["files"] = {"grid": out / "grid.png", "embedding": out / "embedding.npy", "result": saved.path}
+        lines += [f"grid: {out / 'grid.png'}", f"embedding: {out / 'embedding.npy'}", f"saved: {saved.path}"]
     _emit(args, document, lambda: "\n".join(lines))
     return EXIT_OK
 
@@ -628,8 +665,19 @@ def build_parser() -> argparse.ArgumentParser:
     command("kinds", "the job kinds the server runs, with their options and defaults", cmd_kinds)
     command("optimizers", "the optimizers a job spec can name", cmd_optimizers)
 
-    generate = command("generate", "sample images from a generator into a folder", cmd_generate)
-    generate.add_argument("model", help="generator, name or name@version")
+    generate = command(
+        "generate",
+        "sample images from a generator into a folder, or render a saved result again (--from)",
+        cmd_generate,
+    )
+    generate.add_argument("model", nargs="?", help="generator, name or name@version (not with --from)")
+    generate.add_argument(
+        "--from",
+        dest="from_result",
+        metavar="SAVED",
+        help="a saved result (a folder an --out wrote, or its result.json): its images rendered again by the same "
+        "generator version from the same latents and classes, each compared with the saved image",
+    )
     generate.add_argument("-n", type=int, default=8, help="number of images (default 8)")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument(
@@ -651,7 +699,9 @@ def build_parser() -> argparse.ArgumentParser:
     evolve.add_argument("--noise", type=float, default=0.05, help="the simulated person's noise (default 0.05)")
     evolve.add_argument("--perceive-with", default="scenes-clf", help="the simulated person's feature extractor")
     evolve.add_argument("--rater", default="", help="your rater name (the log keeps a pseudonym)")
-    evolve.add_argument("--out", default="out/evolve", help="round grids and the final picks (default out/evolve)")
+    evolve.add_argument(
+        "--out", default="out/evolve", help="round grids, the final picks and result.json (default out/evolve)"
+    )
     evolve.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
 
     invert = command("invert", "find latents whose images resemble the target images", cmd_invert)
@@ -669,7 +719,9 @@ def build_parser() -> argparse.ArgumentParser:
     invert.add_argument("--seed", type=int, default=0)
     invert.add_argument("--learning-rate", type=float)
     invert.add_argument("--backend", choices=["local", "remote"])
-    invert.add_argument("--out", help="write targets, results, grid.png, latents.npy, metrics.json here")
+    invert.add_argument(
+        "--out", help="write targets, results, result.json (regenerates them), grid.png, latents.npy, metrics.json"
+    )
     invert.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
 
     search = command("search", "search latents whose images maximise a scorer's output (seed 002)", cmd_search)
@@ -697,7 +749,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--perturbations", type=int)
     search.add_argument("--seed", type=int, default=0)
     search.add_argument("--backend", choices=["local", "remote"])
-    search.add_argument("--out", help="write results, grid.png, latents.npy, metrics.json here")
+    search.add_argument(
+        "--out", help="write results, result.json (regenerates them), grid.png, latents.npy, metrics.json here"
+    )
     search.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
 
     am = command("am", "learn a class embedding a classifier recognises (embedding AM, seed 001)", cmd_am)
@@ -728,7 +782,9 @@ def build_parser() -> argparse.ArgumentParser:
     am.add_argument("--dry-run", action="store_true", help="only report: register nothing")
     am.add_argument("--seed", type=int)
     am.add_argument("--backend", choices=["local", "remote"])
-    am.add_argument("--out", help="write grid.png (before/after, the same z) and the chosen embedding.npy here")
+    am.add_argument(
+        "--out", help="write grid.png (before/after, the same z), the chosen embedding.npy and result.json here"
+    )
     am.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
 
     jobs = command("jobs", "list, watch, cancel jobs and fetch their results", lambda _args: EXIT_USAGE)
@@ -751,7 +807,9 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = job_command("cancel", "ask a job to stop", cmd_jobs_cancel)
     cancel.add_argument("--reason", default="cancelled from the command line")
     result = job_command("result", "wait for a job and save its result", cmd_jobs_result)
-    result.add_argument("--out", help="write targets, results, grid.png, latents.npy, metrics.json here")
+    result.add_argument(
+        "--out", help="write targets, results, result.json (regenerates them), grid.png, latents.npy, metrics.json"
+    )
     result.add_argument("--no-wait", action="store_true", help="fail unless the job has already succeeded")
     return parser
 

@@ -25,6 +25,7 @@ from gansteer._transport import CHANNEL_OPTIONS, DEFAULT_TARGET, auth_metadata, 
 from gansteer.errors import GansteerError, from_rpc_error
 from gansteer.job import Job
 from gansteer.kinds import EmbeddingAMOptions, EvolutionOptions, InversionOptions, LatentSearchOptions
+from gansteer.saved import SavedInput
 from gansteer.types import (
     Answer,
     ChoiceAction,
@@ -217,6 +218,13 @@ class Client:
             timeout=timeout,
         )
         return self._run(operation)
+
+    def regenerate(self, saved: SavedInput, *, timeout: float | None = None) -> GenerationResult:
+        """The images of a saved result (`JobResult.save`, the CLI's `--out`; a `SavedResult`, its folder or its
+        result.json), rendered again by the generator version that made them from the saved latents and conditions:
+        on the same deployment they equal the saved images exactly. Compare with `saved.load_images()`.
+        """
+        return self._run(self._core.regenerate(saved, timeout=timeout))
 
     def scorers(self, model_kind: str | None = None) -> list[ScorerInfo]:
         """The outputs `score` can compute (names, parameters, providing models); `model_kind` filters them."""

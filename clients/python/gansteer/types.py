@@ -7,16 +7,21 @@ built on the SDK checks end to end. Values are decoded once, when the response a
 from __future__ import annotations
 
 import enum
+import os
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image as PILImage
 
 from gansteer.errors import ErrorDetail
+
+if TYPE_CHECKING:
+    from gansteer.saved import SavedResult
+    from gansteer.v1 import optimization_pb2
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -161,7 +166,11 @@ class CriterionCurve:
 
 @dataclass(frozen=True)
 class JobResult:
-    """What a succeeded job produced: one image (and latent) per result item, metrics and the criterion curve."""
+    """What a succeeded job produced: one image (and latent) per result item, metrics and the criterion curve.
+
+    `generator` (pinned `name@version`), `latents` and the condition (`class_ids` where a class was held, else
+    `class_embeddings`) are what rendered `images`: `save` keeps them and `Client.regenerate` renders them again.
+    """
 
     job_id: str
     images: list[PILImage.Image]
@@ -172,6 +181,16 @@ class JobResult:
     curve: CriterionCurve
     models: list[str]
     tensors: Mapping[str, npt.NDArray[Any]]
+    generator: str = ""  # empty from a server that did not record it
+    class_ids: tuple[int, ...] = ()
+    kind: str = ""  # the JobSpec kind, when the client knew it
+
+    def save(self, folder: str | os.PathLike[str], *, spec: optimization_pb2.JobSpec | None = None) -> SavedResult:
+        """Writes the images and `result.json` (the generator version, each image's latent and condition, the
+        metrics; with `spec=job.spec()` also the spec and its seed) into `folder`; see `gansteer.saved`."""
+        from gansteer.saved import save_result  # saved.py builds on these types
+
+        return save_result(self, folder, spec=spec)
 
 
 # Events of a job's stream, in the order WatchJob sends them. Every event carries its stream id (pass it back as

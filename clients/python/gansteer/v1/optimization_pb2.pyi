@@ -667,7 +667,7 @@ class ItemMetrics(_message.Message):
     def __init__(self, values: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class JobResult(_message.Message):
-    __slots__ = ("job_id", "images", "latents", "class_embeddings", "metrics", "item_metrics", "curve", "models", "tensors")
+    __slots__ = ("job_id", "images", "latents", "class_embeddings", "metrics", "item_metrics", "curve", "models", "tensors", "generator", "class_ids")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -691,6 +691,8 @@ class JobResult(_message.Message):
     CURVE_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    GENERATOR_FIELD_NUMBER: _ClassVar[int]
+    CLASS_IDS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     images: _common_pb2.ImageBatch
     latents: _common_pb2.Tensor
@@ -700,7 +702,9 @@ class JobResult(_message.Message):
     curve: CriterionCurve
     models: _containers.RepeatedCompositeFieldContainer[_common_pb2.ModelRef]
     tensors: _containers.MessageMap[str, _common_pb2.Tensor]
-    def __init__(self, job_id: _Optional[str] = ..., images: _Optional[_Union[_common_pb2.ImageBatch, _Mapping]] = ..., latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., class_embeddings: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., item_metrics: _Optional[_Iterable[_Union[ItemMetrics, _Mapping]]] = ..., curve: _Optional[_Union[CriterionCurve, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_common_pb2.ModelRef, _Mapping]]] = ..., tensors: _Optional[_Mapping[str, _common_pb2.Tensor]] = ...) -> None: ...
+    generator: _common_pb2.ModelRef
+    class_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, job_id: _Optional[str] = ..., images: _Optional[_Union[_common_pb2.ImageBatch, _Mapping]] = ..., latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., class_embeddings: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., item_metrics: _Optional[_Iterable[_Union[ItemMetrics, _Mapping]]] = ..., curve: _Optional[_Union[CriterionCurve, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_common_pb2.ModelRef, _Mapping]]] = ..., tensors: _Optional[_Mapping[str, _common_pb2.Tensor]] = ..., generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., class_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetResultResponse(_message.Message):
     __slots__ = ("result",)

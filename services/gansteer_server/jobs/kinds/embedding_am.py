@@ -455,7 +455,10 @@ class AMJobRun:
         rows = self.run.rows()
         result = opt.JobResult()
         result.images.tensor.CopyFrom(float_tensor(evaluation.grid[1:, 0]))  # each trial's first sample
+        result.latents.CopyFrom(float_tensor(evaluation.grid_latents[:1].expand(len(rows), -1)))  # its latent
         result.class_embeddings.CopyFrom(float_tensor(rows))
+        card = self.run.models.generator.card  # type: ignore[attr-defined]
+        result.generator.name, result.generator.version = card.name, card.version
         for index, trial in enumerate(evaluation.trials):
             values = trial.values() | {"trial": float(index), "chosen": float(index == evaluation.chosen)}
             result.item_metrics.add(values=values)

@@ -230,6 +230,9 @@ class EvolutionJobRun:
         result.latents.CopyFrom(float_tensor(z))
         if vectors is not None:
             result.class_embeddings.CopyFrom(float_tensor(vectors))
+        if self.spec.class_id is not None:
+            result.class_ids.extend([self.spec.class_id] * len(z))
+        result.generator.name, result.generator.version = self.generator.card.name, self.generator.card.version
         for rank in range(len(z)):
             values = {"rank": float(rank)}
             if self.spec.class_id is not None:

@@ -236,6 +236,10 @@ class InversionJobRun(SearchJobRun):
         result.latents.CopyFrom(float_tensor(torch.stack([item.z for item in items])))
         if all(item.class_vector is not None for item in items):
             result.class_embeddings.CopyFrom(float_tensor(torch.stack([item.class_vector for item in items])))  # type: ignore[misc]
+        card = self.run.models.generator.card  # type: ignore[attr-defined]
+        result.generator.name, result.generator.version = card.name, card.version
+        if all(item.class_id is not None for item in items):  # a held class: the generator was given its id
+            result.class_ids.extend(item.class_id for item in items)  # type: ignore[misc]
         for item in items:
             values = {"criterion": item.criterion, "psnr": item.psnr, "ssim": item.ssim, **item.terms}
             if item.feature_distance is not None:

@@ -382,6 +382,10 @@ class LatentSearchJobRun(SearchJobRun):
         result.latents.CopyFrom(float_tensor(torch.stack([item.z for item in items])))
         if all(item.class_vector is not None for item in items):
             result.class_embeddings.CopyFrom(float_tensor(torch.stack([item.class_vector for item in items])))  # type: ignore[misc]
+        elif all(item.class_id is not None for item in items):  # each search's class held: given as its id
+            result.class_ids.extend(item.class_id for item in items)  # type: ignore[misc]
+        card = self.run.models.generator.card  # type: ignore[attr-defined]
+        result.generator.name, result.generator.version = card.name, card.version
         for item in items:
             values = {"objective": item.objective, "robustness": item.robustness, "restart": float(item.restart)}
             values |= item.terms
