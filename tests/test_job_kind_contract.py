@@ -61,6 +61,10 @@ def _inversion_bad_optimizer(spec: S.JobSpec) -> None:
     spec.inversion.optimizer.name = "gradient-descent-please"
 
 
+def _inversion_bad_class_vector(spec: S.JobSpec) -> None:
+    spec.inversion.class_vector = "hyperbolic"
+
+
 def _inversion_unknown_model(spec: S.JobSpec) -> None:
     spec.inversion.generator.name = "no-such-generator"
 
@@ -171,6 +175,7 @@ CASES: dict[str, Case] = {
             (_inversion_bad_budget, "spec.inversion.budget.amount"),
             (_inversion_bad_optimizer, "spec.inversion.optimizer.name"),
             (_inversion_unknown_model, "spec.inversion.generator"),
+            (_inversion_bad_class_vector, "spec.inversion.class_vector"),
         ],
     ),
     "interactive_evolution": Case(

@@ -27,6 +27,7 @@ from gansteer_server.algorithms.search import (
     SearchRun,
     SearchSpace,
     StepSchedule,
+    class_space,
     is_gradient_optimizer,
     optimizer_catalog,
 )
@@ -326,3 +327,19 @@ def test_an_lbfgs_search_whose_objective_breaks_stops_alone():
     run_to_end(run)
     assert bool(run.optimizer.stopped[1]) and not torch.isfinite(run.best_values[1])  # type: ignore[union-attr]
     assert torch.allclose(run.best_variables[0], torch.ones(2), atol=1e-3)
+
+
+def test_a_simplex_class_vector_stays_among_the_rows_and_a_shell_latent_on_its_shell():
+    table = torch.randn(5, 6, generator=torch.Generator().manual_seed(1)) * 3
+    space = class_space("search", 8, 3, table, torch.tensor([0, 2, 4]), class_vector="simplex", shell=True)
+    start = space.decode(space.initial(0), torch.arange(3))
+    # Each search starts with 90% of the weight on its class's row.
+    weights = torch.linalg.lstsq(table.T, start.condition.T).solution.T
+    assert torch.allclose(weights[torch.arange(3), torch.tensor([0, 2, 4])], torch.full((3,), 0.9), atol=1e-4)
+    wild = torch.randn(3, space.dimension) * 50  # anywhere the optimizer might go
+    latents = space.decode(wild, torch.arange(3))
+    assert torch.allclose(latents.z.norm(dim=1), torch.full((3,), 8**0.5))
+    # A convex combination of the rows: inside their bounding box, with norm at most the largest row's.
+    assert (latents.condition >= table.min(dim=0).values - 1e-5).all()
+    assert (latents.condition <= table.max(dim=0).values + 1e-5).all()
+    assert (latents.condition.norm(dim=1) <= table.norm(dim=1).max() + 1e-5).all()

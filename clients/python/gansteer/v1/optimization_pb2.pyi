@@ -120,7 +120,7 @@ class Optimizer(_message.Message):
     def __init__(self, name: _Optional[str] = ..., learning_rate: _Optional[float] = ..., population_size: _Optional[int] = ..., options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class InversionSpec(_message.Message):
-    __slots__ = ("targets", "generator", "discriminator", "feature_extractor", "criterion", "lambda_s", "lambda_l", "lambda_nu", "lambda_r", "optimizer", "budget", "restarts", "conditioned_class", "seed", "backend", "initial_latents")
+    __slots__ = ("targets", "generator", "discriminator", "feature_extractor", "criterion", "lambda_s", "lambda_l", "lambda_nu", "lambda_r", "optimizer", "budget", "restarts", "conditioned_class", "seed", "backend", "initial_latents", "class_vector", "latent_shell")
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     GENERATOR_FIELD_NUMBER: _ClassVar[int]
     DISCRIMINATOR_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +137,8 @@ class InversionSpec(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     INITIAL_LATENTS_FIELD_NUMBER: _ClassVar[int]
+    CLASS_VECTOR_FIELD_NUMBER: _ClassVar[int]
+    LATENT_SHELL_FIELD_NUMBER: _ClassVar[int]
     targets: _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]
     generator: _common_pb2.ModelRef
     discriminator: _common_pb2.ModelRef
@@ -153,7 +155,9 @@ class InversionSpec(_message.Message):
     seed: int
     backend: Backend
     initial_latents: _common_pb2.Tensor
-    def __init__(self, targets: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., discriminator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., feature_extractor: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., criterion: _Optional[str] = ..., lambda_s: _Optional[float] = ..., lambda_l: _Optional[float] = ..., lambda_nu: _Optional[float] = ..., lambda_r: _Optional[float] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., restarts: _Optional[int] = ..., conditioned_class: _Optional[int] = ..., seed: _Optional[int] = ..., backend: _Optional[_Union[Backend, str]] = ..., initial_latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class_vector: str
+    latent_shell: bool
+    def __init__(self, targets: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., discriminator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., feature_extractor: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., criterion: _Optional[str] = ..., lambda_s: _Optional[float] = ..., lambda_l: _Optional[float] = ..., lambda_nu: _Optional[float] = ..., lambda_r: _Optional[float] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., restarts: _Optional[int] = ..., conditioned_class: _Optional[int] = ..., seed: _Optional[int] = ..., backend: _Optional[_Union[Backend, str]] = ..., initial_latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., class_vector: _Optional[str] = ..., latent_shell: _Optional[bool] = ...) -> None: ...
 
 class EmbeddingAMSpec(_message.Message):
     __slots__ = ("generator", "classifier", "target_class", "new_label", "init", "top_k", "top_k_samples", "init_sigma", "optimizer", "steps", "latents_per_step", "resample_every", "clamp_min", "clamp_max", "trials", "diversity_weight", "diversity_space", "diversity_pairs", "judge", "feature_extractor", "eval_samples", "accuracy_tolerance", "register_as", "dry_run", "seed", "backend")

@@ -26,7 +26,13 @@ from gansteer_server.algorithms.inversion import (
     InversionRun,
 )
 from gansteer_server.algorithms.inversion.criteria import resize
-from gansteer_server.algorithms.search import Budget, calls_per_candidate, is_gradient_optimizer, planned_steps
+from gansteer_server.algorithms.search import (
+    CLASS_VECTORS,
+    Budget,
+    calls_per_candidate,
+    is_gradient_optimizer,
+    planned_steps,
+)
 from gansteer_server.jobs.backends import ModelBackend
 from gansteer_server.jobs.kinds import JobKind, JobRun, SearchJobRun, SubmitContext, register_kind
 from gansteer_server.jobs.settings import JobSettings
@@ -38,6 +44,10 @@ from gansteer_server.wire.convert import float_tensor
 from gansteer_server.wire.errors import invalid_argument
 
 FIELD = "spec.inversion"
+# The product's defaults where the seed's own method leaves the manifold (issue 20, docs/inversion.md): a searched
+# class vector among the class rows and z on its shell. InversionConfig keeps the seed's (free, no shell).
+DEFAULT_CLASS_VECTOR = "simplex"
+DEFAULT_LATENT_SHELL = True
 # Free weights of the proto -> the criterion's term names.
 _WEIGHTS = {"lambda_s": "features", "lambda_l": "pixel_l2", "lambda_nu": "latent_norm", "lambda_r": "realism"}
 
@@ -64,6 +74,8 @@ class InversionJob(JobKind):
         "optimizer": {"name": "adam", "learning_rate": InversionConfig.learning_rate, "population_size": 8},
         "restarts": 1,
         "conditioned_class": None,
+        "class_vector": DEFAULT_CLASS_VECTOR,
+        "latent_shell": DEFAULT_LATENT_SHELL,
         "seed": 0,
         "backend": "deployment default",
         "feature_extractor": "the generator card's companion, else the deployment default",
@@ -167,7 +179,14 @@ class InversionJob(JobKind):
                 message.conditioned_class, f"{FIELD}.conditioned_class", generator.num_classes or 0, generator.ref
             )
             class_mode, class_ids = "conditioned", (conditioned,)
+        class_vector = message.class_vector or DEFAULT_CLASS_VECTOR
+        if class_vector not in CLASS_VECTORS:
+            raise invalid_argument(
+                f"{FIELD}.class_vector", f"must be one of {', '.join(CLASS_VECTORS)}, got {class_vector[:50]!r}"
+            )
         values: dict[str, Any] = {
+            "class_vector": class_vector,
+            "latent_shell": message.latent_shell if message.HasField("latent_shell") else DEFAULT_LATENT_SHELL,
             "optimizer": optimizer,
             "criterion": criterion,
             "weights": weights,
