@@ -244,6 +244,8 @@ _INVERT_OPTIONS = (
     "restarts",
     "seed",
     "backend",
+    "class_vector",
+    "latent_shell",
 )
 
 
@@ -716,6 +718,18 @@ def build_parser() -> argparse.ArgumentParser:
     invert.add_argument("--budget-unit", choices=["iterations", "generator_calls"], default="iterations")
     invert.add_argument("--class", dest="conditioned_class", metavar="CLASS", help="hold this class fixed")
     invert.add_argument("--restarts", type=int)
+    invert.add_argument(
+        "--class-vector",
+        choices=["simplex", "free"],
+        help="a searched class vector among the class rows (server default: results the generator would make) "
+        "or anywhere (closer in pixels, off the generator's manifold for targets it cannot make)",
+    )
+    invert.add_argument(
+        "--latent-shell",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="hold z on its prior's shell (server default: on)",
+    )
     invert.add_argument("--seed", type=int, default=0)
     invert.add_argument("--learning-rate", type=float)
     invert.add_argument("--backend", choices=["local", "remote"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Unpack
+from typing import Literal, Unpack
 
 import numpy as np
 import numpy.typing as npt
@@ -48,6 +48,8 @@ class InversionOptions(JobOptions, OptimizerOptions, BudgetOptions, total=False)
     feature_extractor: str  # of the feature-statistics term; default: the server's
     restarts: int  # random starts per target; the best is kept
     conditioned_class: ClassSpec  # hold this class (id or name) fixed; unset: search the class vector too
+    class_vector: Literal["simplex", "free"]  # a searched class vector among the rows (server default) or anywhere
+    latent_shell: bool  # hold z on its prior's shell (server default True)
     seed: int
     backend: Backend  # where the worker runs the models: "local" or "remote"; default: the deployment's
     initial_latents: npt.ArrayLike  # float32 [targets * restarts, latent_size]
@@ -97,6 +99,12 @@ def inversion_spec(
             setattr(spec, name, options[name])
     if "conditioned_class" in options:
         spec.conditioned_class = class_id(options["conditioned_class"], card, field="conditioned_class")
+    if "class_vector" in options:
+        if options["class_vector"] not in ("simplex", "free"):
+            raise _invalid("class_vector", f"must be 'simplex' or 'free', got {options['class_vector']!r}")
+        spec.class_vector = options["class_vector"]
+    if "latent_shell" in options:
+        spec.latent_shell = bool(options["latent_shell"])
     for name in ("discriminator", "feature_extractor"):
         if options.get(name):
             getattr(spec, name).CopyFrom(model_ref(options[name]))  # type: ignore[literal-required]
