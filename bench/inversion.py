@@ -40,18 +40,21 @@ import grpc
 import nevergrad as ng
 import numpy as np
 import redis
+import scipy.optimize
 import skimage.data
 import torch
+from PIL import Image
 from torch import Tensor
 
 from gansteer.tensors import to_tensor_proto
 from gansteer_server.algorithms.inversion import CRITERION_PRESETS, InversionConfig, InversionModels, InversionRun
 from gansteer_server.algorithms.inversion.criteria import resize
-from gansteer_server.algorithms.search import is_gradient_optimizer
+from gansteer_server.algorithms.search import OPTIMIZERS, is_gradient_optimizer
 from gansteer_server.config import Settings
 from gansteer_server.data.scenes import render_scenes
 from gansteer_server.embedded import Stack, start_stack
 from gansteer_server.jobs.backends import LocalBackend
+from gansteer_server.jobs.kinds.inversion import DEFAULT_CLASS_VECTOR, DEFAULT_LATENT_SHELL
 from gansteer_server.models import ModelRegistry
 from gansteer_server.proto import common_pb2, optimization_pb2_grpc
 from gansteer_server.proto import optimization_pb2 as opt
@@ -82,6 +85,7 @@ TARGET_SEED = 1234  # latents and classes of the reconstruction targets (searche
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
 SEED_ORDER = "LBFGS < Adam < DDE < DOPO < RS in all three cases (criterion, lower is better)"
 PHOTO_RESIZE = "centre crop to a square, then torch bilinear with antialias=True (the criterion's resize)"
+ORDINARY_SAMPLES, ORDINARY_SEED = 500, 4321  # the generator's own samples that results' realism is ranked among
 Log = Callable[[str], None]
 
 
@@ -128,13 +132,17 @@ class BenchModels:
     feature_size: int
     resolution: int
     num_classes: int
+    judge: Any = None  # a classifier the inversion never saw: its confidence in its own top class
+    ordinary_realism: Tensor | None = None  # the discriminator's scores of ORDINARY random samples of the generator
 
     @property
     def class_mode(self) -> str:
         return "search" if self.inversion.class_embeddings is not None else "none"
 
 
-def load_models(registry: ModelRegistry, generator: str, discriminator: str, feature_extractor: str) -> BenchModels:
+def load_models(
+    registry: ModelRegistry, generator: str, discriminator: str, feature_extractor: str, judge: str | None = None
+) -> BenchModels:
     backend = LocalBackend(registry)
     gen, disc, features = backend.card(generator), backend.card(discriminator), backend.card(feature_extractor)
     wrapped = backend.generator(gen.ref)
@@ -146,10 +154,65 @@ def load_models(registry: ModelRegistry, generator: str, discriminator: str, fea
         discriminator=backend.discriminator(disc.ref),
     )
     refs = {"generator": gen.ref, "discriminator": disc.ref, "feature_extractor": features.ref}
-    return BenchModels(models, refs, features.resolution or 32, gen.resolution or 32, gen.num_classes or 0)
+    judge_model = None
+    if judge is not None:
+        judge_model, refs["judge"] = backend.scorer(judge), backend.card(judge).ref
+    ordinary = None
+    if models.discriminator is not None:
+        rng = torch.Generator().manual_seed(ORDINARY_SEED)
+        z = torch.randn(ORDINARY_SAMPLES, models.z_size, generator=rng)
+        ids = torch.randint(0, gen.num_classes, (ORDINARY_SAMPLES,), generator=rng) if gen.num_classes else None
+        with torch.no_grad():
+            ordinary = models.discriminator(wrapped(z, ids)).flatten()
+    return BenchModels(
+        models, refs, features.resolution or 32, gen.resolution or 32, gen.num_classes or 0, judge_model, ordinary
+    )
 
 
-def run_config(config: BenchConfig, models: BenchModels, optimizer: str, budget: int, unit: str) -> InversionConfig:
+def manifold_figures(models: BenchModels, run: InversionRun) -> dict[str, Any]:
+    """Where each result lies against the generator's own samples: the discriminator's score as a percentile of
+    ORDINARY_SAMPLES ordinary samples' (unconditional: the class vector may be any), the judge's confidence in its
+    top class, |z| (the prior's shell is sqrt(Z)), |c| and c's distance to the convex hull of the class rows."""
+    items = run.result()
+    images = torch.stack([item.image for item in items])
+    figures: dict[str, Any] = {"z_norm": [float(item.z.norm()) for item in items]}
+    with torch.no_grad():
+        if models.ordinary_realism is not None and models.inversion.discriminator is not None:
+            scores = models.inversion.discriminator(images).flatten()
+            figures["d_percentile"] = [float((models.ordinary_realism < s).double().mean() * 100) for s in scores]
+        if models.judge is not None:
+            figures["judge_confidence"] = torch.softmax(models.judge(images), dim=1).amax(dim=1).tolist()
+    table = models.inversion.class_embeddings
+    if table is not None and all(item.class_vector is not None for item in items):
+        figures["class_norm"] = [float(item.class_vector.norm()) for item in items]  # type: ignore[union-attr]
+        figures["hull_distance"] = [hull_distance(item.class_vector, table) for item in items]  # type: ignore[arg-type]
+    optimizer = run.search.optimizer
+    if hasattr(optimizer, "stalled_steps") and run.steps:
+        figures["stalled_fraction"] = float(optimizer.stalled_steps.sum()) / (run.steps * run.num_searches)
+    figures["budget_used"] = run.generator_calls
+    return figures
+
+
+def hull_distance(vector: Tensor, rows: Tensor) -> float:
+    """The distance from `vector` to the convex hull of `rows` (K, E): non-negative least squares with the weights'
+    sum tied to one by a heavily weighted extra equation (scipy's NNLS; exact to ~1e-6 of |rows|)."""
+    tie = 1e4
+    system = np.vstack([rows.double().numpy().T, np.full((1, len(rows)), tie)])
+    target = np.concatenate([vector.double().numpy(), [tie]])
+    weights, _ = scipy.optimize.nnls(system, target, maxiter=50 * len(rows))
+    return float(np.linalg.norm(rows.double().numpy().T @ weights - vector.double().numpy()))
+
+
+def summary(figures: list[float]) -> dict[str, float]:
+    return {"median": float(statistics.median(figures)), "mean": float(statistics.fmean(figures))}
+
+
+def run_config(
+    config: BenchConfig, models: BenchModels, optimizer: str, budget: int, unit: str, preset: str = "seed"
+) -> InversionConfig:
+    """The seed's settings (`seed`: a free class vector, z unconstrained: Table III's method) or the inversion
+    job's defaults (`default`: the class vector on the rows' simplex, z on its shell)."""
+    default = preset == "default" and models.class_mode == "search"
     return InversionConfig(
         optimizer=optimizer,
         criterion=CRITERION,
@@ -159,7 +222,66 @@ def run_config(config: BenchConfig, models: BenchModels, optimizer: str, budget:
         class_mode=models.class_mode,  # type: ignore[arg-type]
         feature_size=models.feature_size,
         seed=config.seed,
+        learning_rate=OPTIMIZERS[optimizer].default_learning_rate if is_gradient_optimizer(optimizer) else 1.0,  # type: ignore[union-attr]
+        class_vector=DEFAULT_CLASS_VECTOR if default else "free",
+        latent_shell=DEFAULT_LATENT_SHELL if preset == "default" else False,
     )
+
+
+def run_to_end(config: InversionConfig, models: BenchModels, targets: Tensor) -> tuple[InversionRun, float]:
+    run = InversionRun(config, models.inversion, targets)
+    start = time.perf_counter()
+    while not run.done:
+        run.step()
+    return run, time.perf_counter() - start
+
+
+def manifold_section(config: BenchConfig, models: BenchModels, targets: Tensor, log: Log) -> dict[str, Any]:
+    """Misspecified targets: the inversion job's default (simplex class vector, z on its shell) against the seed's
+    unconstrained search, Adam at the largest budget; figures per result and their medians."""
+    budget = max(config.budgets)
+    section: dict[str, Any] = {"budget": budget, "optimizer": "adam", "targets": list(PHOTOS[: len(targets)])}
+    images = {}
+    for preset in ("seed", "default"):
+        run, seconds = run_to_end(run_config(config, models, "adam", budget, BUDGET_UNIT, preset), models, targets)
+        figures = manifold_figures(models, run)
+        figures["criterion"] = [item.criterion for item in run.result()]
+        figures["psnr"] = [item.psnr for item in run.result()]
+        figures["medians"] = {k: summary(v)["median"] for k, v in figures.items() if isinstance(v, list)}
+        figures["seconds"] = round(seconds, 2)
+        section[preset] = figures
+        images[preset] = torch.stack([item.image for item in run.result()])
+        log(f"  manifold {preset:8} d_percentile median {figures['medians'].get('d_percentile', float('nan')):.0f}")
+    if models.judge is not None and models.ordinary_realism is not None:
+        section["ordinary_judge_confidence_median"] = ordinary_judge_confidence(models)
+    section["images"] = images  # for the grid; removed before writing JSON
+    return section
+
+
+def ordinary_judge_confidence(models: BenchModels) -> float:
+    rng = torch.Generator().manual_seed(ORDINARY_SEED)
+    z = torch.randn(ORDINARY_SAMPLES, models.inversion.z_size, generator=rng)
+    ids = torch.randint(0, models.num_classes, (ORDINARY_SAMPLES,), generator=rng) if models.num_classes else None
+    with torch.no_grad():
+        confidence = torch.softmax(models.judge(models.inversion.generator(z, ids)), dim=1).amax(dim=1)
+    return float(confidence.median())
+
+
+def half_budget(config: BenchConfig, models: BenchModels, targets: dict[str, Tensor], log: Log) -> dict[str, Any]:
+    """Per case: the inversion job's default preset at half the largest budget over Adam with the seed's schedule
+    (and settings) at the full budget, criterion means over the targets (< 1: the default needs half the calls)."""
+    budget = max(config.budgets)
+    found: dict[str, Any] = {}
+    for case, case_targets_ in targets.items():
+        half, _ = run_to_end(
+            run_config(config, models, "adam", budget // 2, BUDGET_UNIT, "default"), models, case_targets_
+        )
+        full, _ = run_to_end(run_config(config, models, "adam", budget, BUDGET_UNIT, "seed"), models, case_targets_)
+        default = statistics.fmean(item.criterion for item in half.result())
+        seed = statistics.fmean(item.criterion for item in full.result())
+        found[case] = {"default_at_half": default, "seed_adam_at_full": seed, "ratio": default / seed}
+        log(f"  half_budget {case:15} {default / seed:.2f}")
+    return found
 
 
 # --- targets -------------------------------------------------------------------------------------------------------
@@ -206,14 +328,9 @@ def run_table(config: BenchConfig, models: BenchModels, targets: dict[str, Tenso
         for name in config.optimizers:
             started = time.perf_counter()
             for budget in config.budgets:
-                run = InversionRun(
-                    run_config(config, models, name, budget, BUDGET_UNIT), models.inversion, case_targets_
-                )
-                start = time.perf_counter()
-                while not run.done:
-                    run.step()
-                seconds = time.perf_counter() - start
+                run, seconds = run_to_end(run_config(config, models, name, budget, BUDGET_UNIT), models, case_targets_)
                 items = run.result()
+                figures = manifold_figures(models, run)
                 table.setdefault(case, {}).setdefault(name, {})[str(budget)] = {
                     "criterion": _number(statistics.fmean(item.criterion for item in items)),
                     "psnr": _number(statistics.fmean(item.psnr for item in items)),
@@ -221,6 +338,10 @@ def run_table(config: BenchConfig, models: BenchModels, targets: dict[str, Tenso
                     "steps": run.steps,
                     "generator_calls": run.generator_calls,
                     "seconds": round(seconds, 3),
+                } | {
+                    key: (_number(summary(value)["median"]) if isinstance(value, list) else value)
+                    for key, value in figures.items()
+                    if key != "budget_used"
                 }
             log(f"  {case:15} {LABELS.get(name, name):9} {time.perf_counter() - started:6.1f} s")
     return table
@@ -466,18 +587,24 @@ def run_benchmark(
     generator: str = "scenes-gen",
     discriminator: str = "scenes-disc",
     feature_extractor: str = "scenes-clf",
+    judge: str | None = "scenes-judge",
     redis_url: str | None = None,
     log: Log = print,
 ) -> dict[str, Any]:
     """Everything `bench/results/inversion.json` holds."""
     began = time.perf_counter()
     info = machine()
-    models = load_models(ModelRegistry(settings.registry_paths), generator, discriminator, feature_extractor)
+    registry = ModelRegistry(settings.registry_paths)
+    models = load_models(registry, generator, discriminator, feature_extractor, judge)
     targets = {case: case_targets(case, models, config.targets) for case in config.cases}
     first = targets[config.cases[0]]
     log(f"estimated total: {estimate_seconds(config, models, first) / 60:.1f} min ({config.mode} run)")
     log("table:")
     table = run_table(config, models, targets, log)
+    log("manifold and half budget:")
+    photos = targets.get("misspecified")
+    manifold = manifold_section(config, models, photos, log) if photos is not None else None
+    halves = half_budget(config, models, targets, log)
     log(f"population evaluation: ({time.perf_counter() - began:.0f} s so far)")
     population = population_speedup(config, models, first)
     log(f"job overhead: ({time.perf_counter() - began:.0f} s so far)")
@@ -501,7 +628,9 @@ def run_benchmark(
             "population": config.population,
             "restarts": 1,
             "class_mode": models.class_mode,
-            "learning_rate": InversionConfig().learning_rate,
+            "learning_rate": {
+                n: OPTIMIZERS[n].default_learning_rate for n in config.optimizers if is_gradient_optimizer(n)
+            },  # type: ignore[union-attr]
             "seed": config.seed,
             "reconstruction": f"G(z, class) with z ~ N(0, I) and uniform classes, torch seed {TARGET_SEED}",
             "semi_specified": f"render_scenes(n, seed={DATA_SEED}) (a seed no model was trained or evaluated on)",
@@ -509,6 +638,9 @@ def run_benchmark(
         },
         "table": table,
         "ranking": {"budget": int(top), "order": order, "seed_table_iii": SEED_ORDER},
+        "manifold": manifold,
+        "half_budget": halves,
+        "ordinary": {"samples": ORDINARY_SAMPLES, "seed": ORDINARY_SEED},
         "overhead_local": overhead["local"]["ratio"],
         "overhead_remote": overhead["remote"]["ratio"],
         "overhead": overhead,
@@ -537,6 +669,31 @@ def format_report(results: dict[str, Any]) -> str:
     lines += ["", f"ranking at budget {ranking['budget']} (seed's Table III: {ranking['seed_table_iii']}):"]
     for case, names in ranking["order"].items():
         lines.append(f"  {case:15} " + " < ".join(LABELS.get(name, name) for name in names))
+    manifold = results.get("manifold")
+    if manifold:
+        lines += ["", f"manifold (misspecified targets, adam at {manifold['budget']} calls; medians over the targets):"]
+        for preset in ("seed", "default"):
+            medians = manifold[preset]["medians"]
+            lines.append(
+                f"  {preset:8} criterion {medians['criterion']:.2f}  d_percentile {medians.get('d_percentile', 0):.0f}"
+                f"  judge confidence {medians.get('judge_confidence', 0):.2f}  |c| {medians.get('class_norm', 0):.1f}"
+                f"  hull distance {medians.get('hull_distance', 0):.2f}  |z| {medians['z_norm']:.1f}"
+            )
+    halves = results.get("half_budget") or {}
+    if halves:
+        lines.append(
+            "half_budget (default preset at half the calls / seed's Adam at all): "
+            + ", ".join(f"{case} {row['ratio']:.2f}" for case, row in halves.items())
+        )
+    stalled = {
+        case: row["lbfgs"][str(max(settings["budgets"]))].get("stalled_fraction")
+        for case, row in table.items()
+        if "lbfgs" in row
+    }
+    if stalled:
+        lines.append(
+            "L-BFGS stalled fraction: " + ", ".join(f"{c} {v:.3f}" for c, v in stalled.items() if v is not None)
+        )
     overhead, machine_info = results["overhead"], results["machine"]
     population = results["population"]
     lines += [
@@ -569,7 +726,10 @@ def _cell(entry: dict[str, Any]) -> str:
 
 def write_results(results: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+    written = dict(results)
+    if written.get("manifold"):
+        written["manifold"] = {k: v for k, v in written["manifold"].items() if k != "images"}
+    path.write_text(json.dumps(written, indent=2, allow_nan=False) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -589,9 +749,84 @@ def main(argv: list[str] | None = None) -> None:
     output = args.output or RESULTS / ("inversion_quick.json" if args.quick else "inversion.json")
     results = run_benchmark(config, Settings.from_env(), redis_url=args.redis_url, log=lambda s: print(s, flush=True))
     print()
-    print(format_report(results))
+    report = format_report(results)
+    print(report)
     write_results(results, output)
     print(f"wrote {output}")
+    if not args.quick and results.get("manifold"):
+        write_doc(results, report, Path(__file__).resolve().parents[1] / "docs")
+
+
+def write_doc(results: dict[str, Any], report: str, docs: Path) -> None:
+    """docs/inversion.md: the report and the manifold grid (target | the seed's free search | the default)."""
+    manifold = results["manifold"]
+    names = manifold["targets"]
+    targets = torch.cat([_photo(name, manifold["images"]["seed"].shape[-1]) for name in names])
+    columns = [targets, manifold["images"]["seed"], manifold["images"]["default"]]
+    tiles = torch.stack(columns, dim=1).add(1).mul(127.5).clamp(0, 255).byte()  # (T, 3, C, H, W)
+    rows, count, _, size, _ = tiles.shape
+    canvas = np.full((rows * (size + 2), count * (size + 2), 3), 255, dtype=np.uint8)
+    for r in range(rows):
+        for c in range(count):
+            y, x = r * (size + 2), c * (size + 2)
+            canvas[y : y + size, x : x + size] = tiles[r, c].permute(1, 2, 0).numpy()
+    Image.fromarray(canvas).resize((canvas.shape[1] * 4, canvas.shape[0] * 4), Image.NEAREST).save(
+        docs / "inversion_manifold.png"
+    )
+    seed, default = manifold["seed"], manifold["default"]
+    lines = [
+        "# Inversion on the generator's manifold",
+        "",
+        "Written by `python bench/inversion.py` (figures in `bench/results/inversion.json`).",
+        "",
+        "An inversion job searches the class vector on the simplex of the generator's class rows (a convex "
+        "combination of trained embeddings) and holds z on its prior's shell |z| = sqrt(128) by default. The seed's "
+        "own method (and its code) searches a free class vector; on targets the generator cannot make, that vector "
+        "leaves the rows' hull and the images turn to speckled colour: close in pixels, but not images the "
+        'generator would make (the paper calls the result an *inspiration*). `class_vector="free"` and '
+        "`latent_shell=false` bring the seed's search back when pixel fidelity matters more.",
+        "",
+        f"Misspecified targets (photographs {', '.join(names)}), Adam at {manifold['budget']} generator calls, "
+        "medians over the targets; the discriminator's score is ranked among "
+        f"{results['ordinary']['samples']} ordinary samples of the generator (percentile; an ordinary sample's "
+        f"median is 50), the judge (`scenes-judge`) is a classifier the search never saw (its confidence in its "
+        f"own top class; ordinary samples: {manifold.get('ordinary_judge_confidence_median', float('nan')):.2f}).",
+        "",
+        "| search | criterion | d_percentile | judge confidence | |c| | distance of c to the rows' hull | |z| |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, figures in (("seed (free c, free z)", seed), ("default (simplex c, z on shell)", default)):
+        m = figures["medians"]
+        lines.append(
+            f"| {label} | {m['criterion']:.2f} | {m.get('d_percentile', float('nan')):.0f} | "
+            f"{m.get('judge_confidence', float('nan')):.2f} | {m.get('class_norm', float('nan')):.1f} | "
+            f"{m.get('hull_distance', float('nan')):.2f} | {m['z_norm']:.1f} |"
+        )
+    lines += [
+        "",
+        "Per target d_percentile: seed "
+        + ", ".join(f"{v:.0f}" for v in seed.get("d_percentile", []))
+        + "; default "
+        + ", ".join(f"{v:.0f}" for v in default.get("d_percentile", []))
+        + ".",
+        "",
+        "![target, seed's search, default](inversion_manifold.png)",
+        "",
+        "Each row: the target, the seed's free search, the default.",
+        "",
+        "What the realism term can and cannot do: it adds lambda_r times minus the discriminator's score (Table I: "
+        "0.1 in `l2+features`). It pulls results toward what the discriminator rates real, but a larger weight games "
+        "the discriminator (scores above real images' without better images) rather than bringing the search back "
+        "to the generator's manifold; constraining where the search may go does that.",
+        "",
+        "## The whole benchmark",
+        "",
+        "```",
+        report,
+        "```",
+        "",
+    ]
+    (docs / "inversion.md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -117,6 +117,14 @@ def test_quick_run_writes_every_required_key(tmp_path: Path) -> None:
             assert math.isfinite(entry["criterion"]), optimizer
             assert math.isfinite(entry["psnr"]), optimizer
             assert 0 < entry["generator_calls"] <= int(budget), optimizer
+    # Issue 20's figures: where each result lies against the generator's own samples, L-BFGS stalls, half budget.
+    top = written["table"]["reconstruction"]["adam"][str(max(bench.QUICK.budgets))]
+    assert 0 <= top["d_percentile"] <= 100 and 0 < top["judge_confidence"] <= 1
+    assert top["z_norm"] > 0 and top["hull_distance"] >= 0 and top["class_norm"] > 0
+    lbfgs = written["table"]["reconstruction"]["lbfgs"][str(max(bench.QUICK.budgets))]
+    assert 0 <= lbfgs["stalled_fraction"] <= 1
+    half = written["half_budget"]["reconstruction"]
+    assert math.isfinite(half["ratio"]) and half["ratio"] > 0
     assert written["machine"]["torch_threads"] == torch.get_num_threads()
     assert {"cpu", "cores", "torch"} <= set(written["machine"])
     assert written["settings"]["budget_unit"] == "generator_calls"

@@ -71,7 +71,11 @@ class InversionJob(JobKind):
     description = "Find the latent (and class vector) whose image resembles each target image (seed 003)."
     defaults: ClassVar[Mapping[str, Any]] = {
         "criterion": "l2+features",
-        "optimizer": {"name": "adam", "learning_rate": InversionConfig.learning_rate, "population_size": 8},
+        "optimizer": {
+            "name": "adam",
+            "learning_rate": "the optimizer's default (ListOptimizers)",
+            "population_size": 8,
+        },
         "restarts": 1,
         "conditioned_class": None,
         "class_vector": DEFAULT_CLASS_VECTOR,
@@ -197,8 +201,8 @@ class InversionJob(JobKind):
             "class_ids": class_ids,
             "seed": message.seed,
         }
-        if learning_rate:
-            values["learning_rate"] = learning_rate
+        if learning_rate or is_gradient_optimizer(optimizer):  # unset: the optimizer's own default step
+            values["learning_rate"] = learning_rate or OPTIMIZERS[optimizer].default_learning_rate  # type: ignore[union-attr]
         if population:
             values["population"] = population
         try:
