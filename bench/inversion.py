@@ -814,6 +814,12 @@ def write_doc(results: dict[str, Any], report: str, docs: Path) -> None:
         "",
         "Each row: the target, the seed's free search, the default.",
         "",
+        "The trade-off: on targets the generator made itself (reconstruction) the simplex costs fidelity, since "
+        "reaching one row exactly means driving a softmax to a vertex; the default preset at half the calls over the "
+        "seed's Adam at all of them (`half_budget`): "
+        + ", ".join(f"{case} {row['ratio']:.2f}" for case, row in results["half_budget"].items())
+        + '. For reconstruction and editing of the generator\'s own images, ask for `class_vector="free"`.',
+        "",
         "What the realism term can and cannot do: it adds lambda_r times minus the discriminator's score (Table I: "
         "0.1 in `l2+features`). It pulls results toward what the discriminator rates real, but a larger weight games "
         "the discriminator (scores above real images' without better images) rather than bringing the search back "
