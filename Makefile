@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: setup browser demo test lint format protos zoo zoo-eval up generation scoring optimization worker web images clean
+.PHONY: setup browser demo test lint format protos zoo zoo-eval up generation scoring optimization worker web images load clean
 
 $(INSTALLED): services/pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -79,6 +79,18 @@ images:
 	@docker info >/dev/null 2>&1 || { echo "make images: no Docker engine answers here ('docker info' failed), so no image was built; run it where one runs (docs/deploy.md)" >&2; exit 1; }
 	docker build -f deploy/docker/Dockerfile -t gansteer:$(IMAGE_TAG) .
 	docker build -f deploy/docker/Dockerfile.gpu -t gansteer-gpu:$(IMAGE_TAG) .
+
+# Load test (deploy/locust, docs/operations.md "Load tests"): a `gansteer up` stack on free ports with its own
+# redis-server, locust headless against it for DURATION, then out/load/ (locust's CSV, report.html, summary.json) and
+# a table; fails on any failed request or job. LOAD_REDIS_URL=redis://host:port/N: a Redis database of the run's own.
+USERS ?= 50
+SPAWN_RATE ?= 10
+DURATION ?= 3m
+TORCH_THREADS ?= 1
+
+load: setup
+	$(BIN)/python deploy/locust/load.py --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) \
+		--torch-threads $(TORCH_THREADS) --out out/load $(if $(LOAD_REDIS_URL),--redis-url $(LOAD_REDIS_URL))
 
 clean:
 	rm -rf $(VENV) out var
