@@ -158,6 +158,7 @@ def _spec(**fields: object) -> S.JobSpec:
         ({"init": "target"}, "spec.embedding_am.init", "INVALID_ARGUMENT"),
         ({"diversity_weight": 1.0}, "spec.embedding_am.diversity_space", "INVALID_ARGUMENT"),
         ({"register_as": "no/such name"}, "spec.embedding_am.register_as", "INVALID_ARGUMENT"),
+        ({"latents_per_step": 1}, "spec.embedding_am.latents_per_step", "INVALID_ARGUMENT"),
         ({"classifier": common_pb2.ModelRef(name="no-such-clf")}, "spec.embedding_am.classifier", "NOT_FOUND"),
     ],
 )

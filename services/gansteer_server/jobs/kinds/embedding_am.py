@@ -174,6 +174,8 @@ class EmbeddingAMJob(JobKind):
         optimizer, options, learning_rate = self._optimizer(message, context, init)
         steps = _count(message.steps, 200, limits.max_budget, f"{FIELD}.steps")
         latents = _count(message.latents_per_step, 20, limits.max_step_batch, f"{FIELD}.latents_per_step")
+        if latents < 2:
+            raise invalid_argument(f"{FIELD}.latents_per_step", "needs at least 2 latents (one pair) per step")
         resample_every = _count(message.resample_every, min(20, steps), steps, f"{FIELD}.resample_every")
         trials = _count(message.trials, 5, limits.max_restarts, f"{FIELD}.trials")
         if trials * latents > limits.max_step_batch:
