@@ -67,7 +67,9 @@ def start_redis_server(executable: str | None = None, *, timeout: float = 10.0) 
         raise FileNotFoundError("no redis-server on the PATH")
     port = free_port()
     args = [path, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Its own session: a Ctrl-C at the terminal reaches `gansteer up`, which stops the worker before this Redis,
+    # instead of killing Redis under a running worker.
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     server = RedisServer(process, port)
     client = redis.Redis(port=port, socket_connect_timeout=0.5)
     deadline = time.monotonic() + timeout
@@ -200,7 +202,9 @@ def start_stack(
         worker_metrics_port = 0
         if worker:
             jobs = Jobs(job_settings)
-            exits.enter_context(start_worker_thread(job_settings, jobs=jobs))
+            # Celery sets the root logger's level from its own: keep the process's (`gansteer up` logs every call).
+            level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+            exits.enter_context(start_worker_thread(job_settings, jobs=jobs, loglevel=level))
             if base.worker_metrics_port:
                 worker_metrics_port, stop_metrics = serve_worker_metrics(jobs, base.worker_metrics_port, base.host)
                 exits.callback(stop_metrics)

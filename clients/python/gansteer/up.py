@@ -25,6 +25,13 @@ def run_up(*, redis_url: str, transport: str, any_port: bool, json_output: bool,
     """Starts the stack, prints its addresses, waits for SIGINT or SIGTERM, stops everything; returns 0."""
     try:
         server = importlib.import_module("gansteer_server.embedded")
+        # The stack runs in this process: its per-call and per-job log lines (docs/operations.md) go to stderr as the
+        # standalone services' do.
+        logs, config = (
+            importlib.import_module("gansteer_server.logs"),
+            importlib.import_module("gansteer_server.config"),
+        )
+        logs.configure_logging(config.Settings.from_env().log_level)
     except ImportError as error:
         if error.name is not None and not error.name.startswith("gansteer_server"):
             raise
