@@ -287,7 +287,8 @@ class LBFGS(GradientOptimizer):
         self.failures = torch.where(failed, self.failures + 1, torch.zeros_like(self.failures))
         self.stopped |= self.failures >= 2
         self.stalled_steps += failed.long()
-        self.loss, self.grad, self.point = new_loss, new_grad, point
+        self.loss, self.grad = new_loss, new_grad
+        self.point = _rows(self.variables).double()  # as stored (float32), so the next step recognises it
         self.steps += 1
 
     def restart(self, values: Variables, lr: float) -> None:
