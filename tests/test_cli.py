@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -49,27 +50,29 @@ def up() -> Iterator[dict[str, Any]]:
     """`gansteer up --any-port --json` in the background; yields its addresses; Ctrl-C at the end must stop it."""
     if shutil.which("redis-server") is None:
         pytest.skip("needs redis-server on the PATH")
-    process = subprocess.Popen(
-        [*GANSTEER, "up", "--any-port", "--json", "--transport", "redis-server"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ENV,
-    )
-    try:
-        stack = json.loads(read_line(process, 90))
-        stack["args"] = [
-            f"--target={stack['optimization']}",
-            f"--generation-target={stack['generation']}",
-            f"--scoring-target={stack['scoring']}",
-        ]
-        yield stack
-        process.send_signal(signal.SIGINT)
-        assert process.wait(60) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    # Its log (a JSON line per call) goes to a file: a pipe nobody reads fills and blocks the whole stack.
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(
+            [*GANSTEER, "up", "--any-port", "--json", "--transport", "redis-server"],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env=ENV,
+        )
+        try:
+            stack = json.loads(read_line(process, 90))
+            stack["args"] = [
+                f"--target={stack['optimization']}",
+                f"--generation-target={stack['generation']}",
+                f"--scoring-target={stack['scoring']}",
+            ]
+            yield stack
+            process.send_signal(signal.SIGINT)
+            assert process.wait(60) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 def test_usage_errors_exit_2() -> None:
