@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, fields, is_dataclass
 from datetime import datetime
@@ -831,6 +833,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `gansteer` console script; returns the exit code (see the module docstring)."""
     args = build_parser().parse_args(argv)
+    # A shell starts background commands with SIGINT ignored, and Python then never raises KeyboardInterrupt: a
+    # `kill -INT` from a script (or a test) must still cancel the job this command submitted, as Ctrl-C does.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return int(args.run(args))
     except KeyboardInterrupt:
