@@ -204,10 +204,18 @@ def _regenerate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _wait_and_save(
-    args: argparse.Namespace, job: Job, targets: Sequence[Any] | None, *, cancel_on_interrupt: bool = False
-) -> int:
-    """Waits for the job (Ctrl-C cancels it when this command submitted it), then prints and saves its result."""
+def _announced(args: argparse.Namespace, job: Job) -> bool:
+    """Says the job was submitted: its id alone with --no-wait (True: the command is done), else on stderr."""
+    if args.no_wait:
+        _emit(args, {"job_id": job.id, "state": "queued"}, lambda: job.id)
+        return True
+    if not args.json:
+        print(f"submitted job {job.id}", file=sys.stderr)
+    return False
+
+
+def _wait(args: argparse.Namespace, job: Job, *, cancel_on_interrupt: bool) -> None:
+    """Waits for the job; Ctrl-C cancels it when this command submitted it."""
     try:
         job.wait(progress=not args.json and not args.quiet)
     except KeyboardInterrupt:
@@ -215,6 +223,13 @@ def _wait_and_save(
             job.cancel("interrupted from the command line")
             print(f"cancelled job {job.id}", file=sys.stderr)
         raise
+
+
+def _wait_and_save(
+    args: argparse.Namespace, job: Job, targets: Sequence[Any] | None, *, cancel_on_interrupt: bool = False
+) -> int:
+    """Waits for the job (Ctrl-C cancels it when this command submitted it), then prints and saves its result."""
+    _wait(args, job, cancel_on_interrupt=cancel_on_interrupt)
     return _save(args, job, targets)
 
 
@@ -266,11 +281,8 @@ def cmd_invert(args: argparse.Namespace) -> int:
         options["conditioned_class"] = int(cls) if cls.isdigit() else cls
     with _client(args) as client:
         job = client.invert(targets, model=args.model, **options)
-        if args.no_wait:
-            _emit(args, {"job_id": job.id, "state": "queued"}, lambda: job.id)
+        if _announced(args, job):
             return EXIT_OK
-        if not args.json:
-            print(f"submitted job {job.id}", file=sys.stderr)
         images = []
         for path in targets:
             with PILImage.open(path) as image:
@@ -384,11 +396,8 @@ def cmd_evolve(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     with _client(args) as client:
         job = client.evolve(model=args.model, **options)
-        if args.no_wait:
-            _emit(args, {"job_id": job.id, "state": "queued"}, lambda: job.id)
+        if _announced(args, job):
             return EXIT_OK
-        if not args.json:
-            print(f"submitted job {job.id}", file=sys.stderr)
         if args.simulate is not None:
             goal = Target(args.simulate)
             person = SimulatedPerson(
@@ -454,17 +463,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         options["optimizer_options"] = {key: _option_value(value) for key, value in pairs}
     with _client(args) as client:
         job = client.latent_search(model=args.model, **options)
-        if args.no_wait:
-            _emit(args, {"job_id": job.id, "state": "queued"}, lambda: job.id)
+        if _announced(args, job):
             return EXIT_OK
-        if not args.json:
-            print(f"submitted job {job.id}", file=sys.stderr)
-        try:
-            job.wait(progress=not args.json and not args.quiet)
-        except KeyboardInterrupt:
-            job.cancel("interrupted from the command line")
-            print(f"cancelled job {job.id}", file=sys.stderr)
-            raise
+        _wait(args, job, cancel_on_interrupt=True)
         result = job.result(wait=False)
         spec = job.spec() if args.out else None
     document: dict[str, Any] = {"job_id": job.id, "metrics": result.metrics, "items": result.item_metrics}
@@ -547,17 +548,9 @@ def cmd_am(args: argparse.Namespace) -> int:
         options["dry_run"] = True
     with _client(args) as client:
         job = client.embedding_am(model=args.generator, **options)
-        if args.no_wait:
-            _emit(args, {"job_id": job.id, "state": "queued"}, lambda: job.id)
+        if _announced(args, job):
             return EXIT_OK
-        if not args.json:
-            print(f"submitted job {job.id}", file=sys.stderr)
-        try:
-            job.wait(progress=not args.json and not args.quiet)
-        except KeyboardInterrupt:
-            job.cancel("interrupted from the command line")
-            print(f"cancelled job {job.id}", file=sys.stderr)
-            raise
+        _wait(args, job, cancel_on_interrupt=True)
         result = cast(EmbeddingAMResult, job.result(wait=False))
         spec = job.spec() if args.out else None
     trials = [{"metrics": t.metrics, "chosen": t.chosen} for t in result.trials]
