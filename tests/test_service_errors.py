@@ -4,6 +4,7 @@ message size and internal errors."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ import pytest
 import torch
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from service_fixtures import (
     CLF,
@@ -25,9 +27,11 @@ from service_fixtures import (
     LATENT,
     UNCOND,
     float_tensor,
+    held,
     make_settings,
     running,
     shared_tiny_registry,
+    wait_until,
 )
 
 from gansteer.tensors import png_encode, to_tensor_proto
@@ -499,6 +503,29 @@ def test_messages_above_the_size_limit_are_refused(tiny_registry: ModelRegistry)
         assert len(stub.Generate(generate(latents=latents())).images.images) == 2
 
 
+def test_a_call_its_client_gave_up_on_logs_no_error(
+    tiny_registry: ModelRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request cancelled in the batch queue by its deadline ends quietly: no "Exception serializing message!"."""
+    request = generate(latents=latents())
+    with running("generation", make_settings(tiny_registry)) as (server, channel):
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        stub.Generate(request)  # the batcher exists
+        with caplog.at_level(logging.DEBUG), held(server, f"{GEN}@1") as hold:
+            first = threading.Thread(target=stub.Generate, args=(request,))
+            first.start()
+            assert hold.entered.wait(10)  # the first batch runs (held): the next request waits in the queue
+            with pytest.raises(grpc.RpcError) as expired:
+                stub.Generate(request, timeout=0.3)
+            assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            hold.release.set()
+            first.join(30)
+            assert len(stub.Generate(request).images.images) == 2
+            wait_until(lambda: any("ended by the client" in record.getMessage() for record in caplog.records))
+    # the server has stopped (its calls finished) before the log is read
+    assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+
+
 # --- auth, health, reflection -----------------------------------------------------------------------------------------
 
 
@@ -538,5 +565,17 @@ def test_health_and_reflection_answer(tiny_registry: ModelRegistry, service: str
         database = ProtoReflectionDescriptorDatabase(channel)
         assert set(database.get_services()) >= {name, "grpc.health.v1.Health"}
         assert database.FindFileContainingSymbol(name).package == "gansteer.v1"
+        assert {name, "grpc.reflection.v1.ServerReflection"} <= reflection_v1_services(channel)
         server.health.enter_graceful_shutdown()  # what stop() does first, so balancers drain the replica
         assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def reflection_v1_services(channel: grpc.Channel) -> set[str]:
+    """ListServices through `grpc.reflection.v1` (the name grpcurl tries first); its messages are v1alpha's."""
+    info = channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    (response,) = info(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+    return {service.name for service in response.list_services_response.service}

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from gansteer_server.config import Settings
 from gansteer_server.models import ModelRegistry
@@ -27,6 +26,7 @@ from gansteer_server.servers.errors import ErrorInterceptor
 from gansteer_server.servers.generation import GenerationServicer
 from gansteer_server.servers.metrics import ServiceMetrics
 from gansteer_server.servers.readiness import Readiness, report_serving
+from gansteer_server.servers.reflection import enable_reflection
 from gansteer_server.servers.scoring import ScoringServicer
 from gansteer_server.wire.validation import Limits
 
@@ -137,9 +137,7 @@ def serve_grpc(server: grpc.Server, name: str, service: str, host: str, port: in
     the service's dependencies)."""
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (service, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
+    enable_reflection(server, (service, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     if bound == 0:
         raise OSError(f"the {name} service could not bind {host}:{port}")

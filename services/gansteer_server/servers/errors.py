@@ -61,9 +61,10 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             raise error  # an abort raised below this interceptor already carries its status
         if not context.is_active():
             # The client cancelled or its deadline passed (a request stream then raises RpcError): nobody is
-            # listening for a status any more, and nothing went wrong on the server.
+            # listening for a status any more, and nothing went wrong on the server. Aborting (rather than returning
+            # None) ends the call without grpc trying to serialize a missing response and logging it as an ERROR.
             logger.debug("%s ended by the client: %r", method, error)
-            return
+            context.abort(grpc.StatusCode.CANCELLED, "the call ended on the client's side")
         service_error = translate(error)
         if service_error is None:
             incident = uuid.uuid4().hex[:12]
