@@ -88,6 +88,24 @@ def test_unreachable_service_exits_5() -> None:
     assert json.loads(done.stdout)["error"]["type"] == "Unavailable"
 
 
+def test_out_of_range_numbers_are_one_line_errors_naming_the_option(tmp_path: Path) -> None:
+    target = tmp_path / "target.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(target)
+    for option, value in (("--seed", "-1"), ("--restarts", str(2**40))):
+        refused = gansteer("--target=127.0.0.1:1", "invert", str(target), option, value)  # refused before any call
+        assert refused.returncode == 3, refused.stderr
+        assert refused.stderr.startswith(f"gansteer: {option[2:]}: must be an integer")
+        assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_up_at_a_redis_that_does_not_answer_says_so_in_one_line() -> None:
+    refused = gansteer("up", "--any-port", "--redis-url", "redis://127.0.0.1:1/0", timeout=60)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines() == [
+        line for line in refused.stderr.strip().splitlines() if line.startswith("gansteer up: cannot reach Redis")
+    ]
+
+
 def test_up_models_generate(up: dict[str, Any], tmp_path: Path) -> None:
     assert "redis-server" in up["transport"]
     with urllib.request.urlopen(f"{up['web']}healthz", timeout=10) as page:  # the rounds page is up too
@@ -141,6 +159,18 @@ def test_invert_then_jobs_commands(up: dict[str, Any], tmp_path: Path) -> None:
     watched = gansteer(*up["args"], "jobs", "watch", job_id, "--json")
     lines = [json.loads(line) for line in watched.stdout.splitlines()]
     assert watched.returncode == 0 and lines[-1]["state"] == "succeeded"
+    # `jobs watch --json | head -0`: the reader is gone before the first line; the command ends quietly
+    piped = subprocess.Popen(
+        [*GANSTEER, *up["args"], "jobs", "watch", job_id, "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    assert piped.stdout is not None and piped.stderr is not None
+    piped.stdout.close()
+    assert piped.wait(60) == 0
+    assert "Error" not in piped.stderr.read()
     fetched = gansteer(*up["args"], "jobs", "result", job_id, "--out", str(tmp_path / "again"), "--json")
     assert fetched.returncode == 0, fetched.stderr
     assert (tmp_path / "again" / "target_0.png").is_file()  # the targets come back from the job's spec

@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
-from gansteer import AsyncClient, Client, JobKindInfo, JobOption, OptimizerInfo, Unimplemented, cli
+from gansteer import AsyncClient, Client, InvalidArgument, JobKindInfo, JobOption, OptimizerInfo, Unimplemented, cli
 from gansteer.kinds import KINDS
 from gansteer.v1 import optimization_pb2, optimization_pb2_grpc
 
@@ -125,6 +125,32 @@ def test_a_misspelled_option_is_refused_before_any_call() -> None:
 
     with pytest.raises(TypeError, match="did you mean 'optimizer'"):
         asyncio.run(story())
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "named"),
+    [
+        ("invert", {"seed": -1}, "seed"),
+        ("invert", {"budget": 2.5}, "budget"),
+        ("invert", {"restarts": 2**40}, "restarts"),
+        ("invert", {"learning_rate": float("nan")}, "learning_rate"),
+        ("invert", {"priority": 2**31}, "priority"),
+        ("latent_search", {"seed": -3}, "seed"),
+        ("evolve", {"mu": 1.5}, "mu"),
+    ],
+)
+def test_a_number_its_field_cannot_hold_is_refused_naming_the_option(
+    method: str, options: dict[str, Any], named: str
+) -> None:
+    """Not protobuf's bare "Value out of range" naming nothing: InvalidArgument with the option's name, no call made."""
+    arguments: dict[str, Any] = {"model": "scenes-gen", **options}
+    with Client("127.0.0.1:1", retries=0, timeout=1) as client, pytest.raises(InvalidArgument) as refused:
+        if method == "invert":
+            client.invert(TARGET, **arguments)
+        else:
+            getattr(client, method)(**arguments)
+    assert str(refused.value).startswith(f"{named}: must be")
+    assert refused.value.details[0].field == named
 
 
 def test_every_kind_knows_its_options() -> None:

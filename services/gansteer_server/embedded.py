@@ -97,11 +97,22 @@ def choose_transport(redis_url: str | None, transport: Transport = "auto") -> tu
     if transport == "memory" or (transport == "auto" and redis_url == MEMORY_URL):
         return MEMORY_URL, None, "jobs on Celery's in-memory transport, in this process"
     if redis_url and transport == "auto":
+        _reachable(redis_url)
         return redis_url, None, f"jobs on the Redis at {_without_password(redis_url)}"
     if transport == "redis-server" or shutil.which("redis-server"):
         server = start_redis_server()
         return server.url, server, f"jobs on a redis-server started on 127.0.0.1:{server.port}"
     return MEMORY_URL, None, "jobs on Celery's in-memory transport (no Redis given and no redis-server on the PATH)"
+
+
+def _reachable(redis_url: str) -> None:
+    """Refuses a Redis that does not answer with one sentence, before any service starts (instead of the worker's
+    connection retries ending in a long traceback)."""
+    try:
+        with redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=5) as client:
+            client.ping()
+    except (redis.RedisError, ValueError) as error:
+        raise RuntimeError(f"cannot reach Redis at {_without_password(redis_url)}: {error}") from None
 
 
 def _without_password(url: str) -> str:

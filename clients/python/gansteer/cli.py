@@ -706,7 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
     invert.add_argument("--model", default="scenes-gen", help="generator (default scenes-gen)")
     invert.add_argument("--criterion", help="l2, l2+features (server default) or features")
     invert.add_argument("--discriminator", help="discriminator of the realism term (default: the card's pair)")
-    invert.add_argument("--optimizer", help="adam (server default), lbfgs, nesterov, random_search, CMA, ...")
+    invert.add_argument("--optimizer", help="lbfgs (server default), adam, nesterov, random_search, CMA, ...")
     invert.add_argument(
         "--budget", type=int, default=DEFAULT_BUDGET, help="iterations, or generator calls with --budget-unit (300)"
     )
@@ -835,6 +835,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `gansteer jobs watch --json | head`: the reader has what it wanted
+        _silence_stdout()
+        return EXIT_OK
     except (errors.GansteerError, FileNotFoundError) as error:
         code = exit_code(error)
         if args.json:
@@ -842,6 +845,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"gansteer: {error}", file=sys.stderr)
         return code
+    except Exception as error:  # a bug or an unforeseen failure: one line; the traceback on request
+        if os.environ.get("GANSTEER_DEBUG"):
+            raise
+        print(
+            f"gansteer: unexpected {type(error).__name__}: {_one_line(error)} (GANSTEER_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+
+
+def _silence_stdout() -> None:
+    """Points stdout at /dev/null, so that Python's flush at exit does not raise BrokenPipeError again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _error_document(error: BaseException) -> dict[str, Any]:

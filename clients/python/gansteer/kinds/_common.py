@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import difflib
 import uuid
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias, TypedDict
 
 from google.protobuf import struct_pb2  # type: ignore[import-untyped]
+from google.protobuf.descriptor import FieldDescriptor  # type: ignore[import-untyped]
 
 from gansteer._specs import _invalid
 from gansteer.types import JobResult
@@ -39,14 +40,60 @@ class Kind:
     options: frozenset[str]
     result: type[JobResult]
 
-    def check(self, given: Collection[str]) -> None:
+    def check(self, given: Mapping[str, Any]) -> None:
         """Refuses an option this kind does not have, as Python refuses an unknown keyword argument, naming the
-        nearest valid one: a misspelled option must not run silently with the default."""
+        nearest valid one: a misspelled option must not run silently with the default. Refuses a number its wire
+        field cannot hold (a negative seed, a float where an integer goes) with InvalidArgument naming the option,
+        where protobuf alone would raise a bare ValueError naming nothing."""
         for name in given:
             if name not in self.options:
                 near = difflib.get_close_matches(name, self.options, n=1)
                 hint = f"did you mean {near[0]!r}?" if near else f"valid: {', '.join(sorted(self.options))}"
                 raise TypeError(f"{self.method}() got an unexpected keyword argument {name!r}; {hint}")
+        for name, value in given.items():
+            if isinstance(value, (int, float)) or _is_number(value):
+                _check_number(name, value, self._wire_fields(name))
+
+    def _wire_fields(self, option: str) -> list[tuple[type[Any], str]]:
+        """The scalar proto fields an option is sent in: its own name in the kind's spec, the optimizer or the
+        JobSpec (the SDK names options after their fields), or the budget's amount."""
+        spec = optimization_pb2.JobSpec.DESCRIPTOR.fields_by_name[self.name].message_type._concrete_class
+        found = [
+            (message, option)
+            for message in (spec, optimization_pb2.Optimizer, optimization_pb2.JobSpec)
+            if option in message.DESCRIPTOR.fields_by_name
+            and message.DESCRIPTOR.fields_by_name[option].message_type is None
+        ]
+        return [*found, (optimization_pb2.Budget, "amount")] if option == "budget" else found
+
+
+def _is_number(value: Any) -> bool:
+    return type(value).__module__ == "numpy" and hasattr(value, "dtype") and value.dtype.kind in "iuf"
+
+
+def _check_number(option: str, value: Any, fields: list[tuple[type[Any], str]]) -> None:
+    if isinstance(value, bool):
+        return  # bool fields take bools; a bool in a number field is refused by the builder's own check
+    if isinstance(value, float) and value != value:
+        raise _invalid(option, "must be a number, got nan")
+    for message, field in fields:
+        try:
+            setattr(message(), field, value)
+        except (TypeError, ValueError):
+            kind = message.DESCRIPTOR.fields_by_name[field].type
+            wanted = _FIELD_KINDS.get(kind, "a number of its field's type")
+            raise _invalid(option, f"must be {wanted}, got {value!r}") from None
+
+
+# protobuf field types -> what the field holds, for the error message
+_FIELD_KINDS = {
+    FieldDescriptor.TYPE_INT32: "an integer from -2**31 to 2**31 - 1",
+    FieldDescriptor.TYPE_INT64: "an integer from -2**63 to 2**63 - 1",
+    FieldDescriptor.TYPE_UINT32: "an integer from 0 to 2**32 - 1",
+    FieldDescriptor.TYPE_UINT64: "an integer from 0 to 2**64 - 1",
+    FieldDescriptor.TYPE_DOUBLE: "a finite number",
+    FieldDescriptor.TYPE_FLOAT: "a number that fits a 32-bit float",
+}
 
 
 def option_names(options: type) -> frozenset[str]:
