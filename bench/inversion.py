@@ -54,7 +54,7 @@ from gansteer_server.config import Settings
 from gansteer_server.data.scenes import render_scenes
 from gansteer_server.embedded import Stack, start_stack
 from gansteer_server.jobs.backends import LocalBackend
-from gansteer_server.jobs.kinds.inversion import DEFAULT_CLASS_VECTOR, DEFAULT_LATENT_SHELL
+from gansteer_server.jobs.kinds.inversion import DEFAULT_CLASS_VECTOR, DEFAULT_LATENT_SHELL, DEFAULT_OPTIMIZER
 from gansteer_server.models import ModelRegistry
 from gansteer_server.proto import common_pb2, optimization_pb2_grpc
 from gansteer_server.proto import optimization_pb2 as opt
@@ -237,13 +237,14 @@ def run_to_end(config: InversionConfig, models: BenchModels, targets: Tensor) ->
 
 
 def manifold_section(config: BenchConfig, models: BenchModels, targets: Tensor, log: Log) -> dict[str, Any]:
-    """Misspecified targets: the inversion job's default (simplex class vector, z on its shell) against the seed's
-    unconstrained search, Adam at the largest budget; figures per result and their medians."""
+    """Misspecified targets: the inversion job's default (its optimizer, simplex class vector, z on its shell)
+    against the seed's unconstrained search with Adam, at the largest budget; figures per result and their medians."""
     budget = max(config.budgets)
-    section: dict[str, Any] = {"budget": budget, "optimizer": "adam", "targets": list(PHOTOS[: len(targets)])}
+    optimizers = {"seed": "adam", "default": DEFAULT_OPTIMIZER}
+    section: dict[str, Any] = {"budget": budget, "optimizers": optimizers, "targets": list(PHOTOS[: len(targets)])}
     images = {}
-    for preset in ("seed", "default"):
-        run, seconds = run_to_end(run_config(config, models, "adam", budget, BUDGET_UNIT, preset), models, targets)
+    for preset, optimizer in optimizers.items():
+        run, seconds = run_to_end(run_config(config, models, optimizer, budget, BUDGET_UNIT, preset), models, targets)
         figures = manifold_figures(models, run)
         figures["criterion"] = [item.criterion for item in run.result()]
         figures["psnr"] = [item.psnr for item in run.result()]
@@ -268,13 +269,14 @@ def ordinary_judge_confidence(models: BenchModels) -> float:
 
 
 def half_budget(config: BenchConfig, models: BenchModels, targets: dict[str, Tensor], log: Log) -> dict[str, Any]:
-    """Per case: the inversion job's default preset at half the largest budget over Adam with the seed's schedule
-    (and settings) at the full budget, criterion means over the targets (< 1: the default needs half the calls)."""
+    """Per case: the inversion job's default preset (its optimizer and manifold) at half the largest budget over Adam
+    with the seed's schedule (and settings) at the full budget, criterion means over the targets (< 1: the default
+    needs half the calls)."""
     budget = max(config.budgets)
     found: dict[str, Any] = {}
     for case, case_targets_ in targets.items():
         half, _ = run_to_end(
-            run_config(config, models, "adam", budget // 2, BUDGET_UNIT, "default"), models, case_targets_
+            run_config(config, models, DEFAULT_OPTIMIZER, budget // 2, BUDGET_UNIT, "default"), models, case_targets_
         )
         full, _ = run_to_end(run_config(config, models, "adam", budget, BUDGET_UNIT, "seed"), models, case_targets_)
         default = statistics.fmean(item.criterion for item in half.result())
@@ -671,7 +673,8 @@ def format_report(results: dict[str, Any]) -> str:
         lines.append(f"  {case:15} " + " < ".join(LABELS.get(name, name) for name in names))
     manifold = results.get("manifold")
     if manifold:
-        lines += ["", f"manifold (misspecified targets, adam at {manifold['budget']} calls; medians over the targets):"]
+        used = ", ".join(f"{preset} {name}" for preset, name in manifold["optimizers"].items())
+        lines += ["", f"manifold (misspecified targets, {used} at {manifold['budget']} calls; medians over targets):"]
         for preset in ("seed", "default"):
             medians = manifold[preset]["medians"]
             lines.append(
@@ -780,13 +783,16 @@ def write_doc(results: dict[str, Any], report: str, docs: Path) -> None:
         "Written by `python bench/inversion.py` (figures in `bench/results/inversion.json`).",
         "",
         "An inversion job searches the class vector on the simplex of the generator's class rows (a convex "
-        "combination of trained embeddings) and holds z on its prior's shell |z| = sqrt(128) by default. The seed's "
+        "combination of trained embeddings) and holds z on its prior's shell |z| = sqrt(128) by default, with "
+        f"per-search L-BFGS (`{DEFAULT_OPTIMIZER}`) as its optimizer. The seed's "
         "own method (and its code) searches a free class vector; on targets the generator cannot make, that vector "
         "leaves the rows' hull and the images turn to speckled colour: close in pixels, but not images the "
         'generator would make (the paper calls the result an *inspiration*). `class_vector="free"` and '
         "`latent_shell=false` bring the seed's search back when pixel fidelity matters more.",
         "",
-        f"Misspecified targets (photographs {', '.join(names)}), Adam at {manifold['budget']} generator calls, "
+        f"Misspecified targets (photographs {', '.join(names)}) at {manifold['budget']} generator calls (the seed's "
+        f"search with {LABELS[manifold['optimizers']['seed']]}, the default with "
+        f"{LABELS[manifold['optimizers']['default']]}), "
         "medians over the targets; the discriminator's score is ranked among "
         f"{results['ordinary']['samples']} ordinary samples of the generator (percentile; an ordinary sample's "
         f"median is 50), the judge (`scenes-judge`) is a classifier the search never saw (its confidence in its "
@@ -795,7 +801,7 @@ def write_doc(results: dict[str, Any], report: str, docs: Path) -> None:
         "| search | criterion | d_percentile | judge confidence | |c| | distance of c to the rows' hull | |z| |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for label, figures in (("seed (free c, free z)", seed), ("default (simplex c, z on shell)", default)):
+    for label, figures in (("seed (Adam, free c, free z)", seed), ("default (L-BFGS, simplex c, z on shell)", default)):
         m = figures["medians"]
         lines.append(
             f"| {label} | {m['criterion']:.2f} | {m.get('d_percentile', float('nan')):.0f} | "
@@ -814,9 +820,10 @@ def write_doc(results: dict[str, Any], report: str, docs: Path) -> None:
         "",
         "Each row: the target, the seed's free search, the default.",
         "",
-        "The trade-off: on targets the generator made itself (reconstruction) the simplex costs fidelity, since "
-        "reaching one row exactly means driving a softmax to a vertex; the default preset at half the calls over the "
-        "seed's Adam at all of them (`half_budget`): "
+        "The trade-off: on targets the generator made itself (reconstruction) the simplex can cost fidelity, since "
+        "reaching one row exactly means driving a softmax to a vertex (slow for Adam; L-BFGS's curvature pairs make "
+        "it quick); the default preset at half the calls over the seed's Adam at all of them (`half_budget`, < 1 is "
+        "better): "
         + ", ".join(f"{case} {row['ratio']:.2f}" for case, row in results["half_budget"].items())
         + '. For reconstruction and editing of the generator\'s own images, ask for `class_vector="free"`.',
         "",

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gansteer-demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="out/demo", help="folder for targets, results and grids")
     parser.add_argument("--budget", type=int, default=300, help="optimiser steps per job (default 300)")
-    parser.add_argument("--optimizer", default="adam")
+    parser.add_argument("--optimizer", help="any of `gansteer optimizers` (default: the inversion job's, L-BFGS)")
     parser.add_argument("--transport", choices=["auto", "redis-server", "memory"], default="auto")
     parser.add_argument("--photos", nargs="+", default=list(PHOTOGRAPHS), help="scikit-image photograph names")
     args = parser.parse_args(argv)
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                     case.targets,
                     model=GENERATOR,
                     discriminator=DISCRIMINATOR,
-                    optimizer=args.optimizer,
+                    **({"optimizer": args.optimizer} if args.optimizer else {}),
                     budget=args.budget,
                     seed=0,
                     labels={"demo": case.name},

@@ -48,6 +48,9 @@ FIELD = "spec.inversion"
 # class vector among the class rows and z on its shell. InversionConfig keeps the seed's (free, no shell).
 DEFAULT_CLASS_VECTOR = "simplex"
 DEFAULT_LATENT_SHELL = True
+# Per-search L-BFGS reaches targets on the simplex in far fewer calls than Adam, whose softmax drifts slowly to a
+# vertex (bench/results/inversion.json, `half_budget` and `manifold`).
+DEFAULT_OPTIMIZER = "lbfgs"
 # Free weights of the proto -> the criterion's term names.
 _WEIGHTS = {"lambda_s": "features", "lambda_l": "pixel_l2", "lambda_nu": "latent_norm", "lambda_r": "realism"}
 
@@ -72,7 +75,7 @@ class InversionJob(JobKind):
     defaults: ClassVar[Mapping[str, Any]] = {
         "criterion": "l2+features",
         "optimizer": {
-            "name": "adam",
+            "name": DEFAULT_OPTIMIZER,
             "learning_rate": "the optimizer's default (ListOptimizers)",
             "population_size": 8,
         },
@@ -168,7 +171,7 @@ class InversionJob(JobKind):
                 | {term: getattr(preset, term) for name, term in _WEIGHTS.items() if name not in given}
             )
         choice = spec_fields.optimizer(
-            message.optimizer, f"{FIELD}.optimizer", OPTIMIZERS, "adam", limits.max_population
+            message.optimizer, f"{FIELD}.optimizer", OPTIMIZERS, DEFAULT_OPTIMIZER, limits.max_population
         )
         optimizer, learning_rate, population = choice.name, choice.learning_rate, choice.population
         budget, budget_unit = spec_fields.budget(message.budget, f"{FIELD}.budget", limits.max_budget)
