@@ -115,7 +115,7 @@ class JobOptions(TypedDict, total=False):
 class OptimizerOptions(TypedDict, total=False):
     """The optimizer of a searching kind, by the server's registry name (`client.optimizers()` lists them)."""
 
-    optimizer: str  # adam (default), lbfgs, nesterov, random_search, TwoPointsDE, DE, DiscreteOnePlusOne, CMA
+    optimizer: str  # unset: the kind's (inversion lbfgs, others adam); nesterov, random_search, TwoPointsDE, CMA, ...
     learning_rate: float
     population_size: int  # candidates per step of gradient-free optimizers, evaluated as one batch
     optimizer_options: Mapping[str, Any]  # e.g. {"momentum": 0.9}
