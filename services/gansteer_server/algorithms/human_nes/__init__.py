@@ -12,6 +12,7 @@ from gansteer_server.algorithms.human_nes.estimator import (
     source_score,
 )
 from gansteer_server.algorithms.human_nes.forking import Forking, forking
+from gansteer_server.algorithms.human_nes.run import NESConfig, NESRound, NESRun
 from gansteer_server.algorithms.human_nes.update import (
     BETAS,
     LEARNING_RATE,
@@ -26,6 +27,9 @@ __all__ = [
     "LEARNING_RATE",
     "BasisError",
     "Forking",
+    "NESConfig",
+    "NESRound",
+    "NESRun",
     "PCABasis",
     "Perturbations",
     "adam",
