@@ -42,4 +42,4 @@ def build_architecture(name: str, **kwargs: Any) -> nn.Module:
 
 def _import_builtin_modules() -> None:
     # Imported lazily so that importing the registry does not build every network module up front.
-    from gansteer_server.models.architectures import biggan, scenes, torchvision_nets  # noqa: F401
+    from gansteer_server.models.architectures import biggan, pir, scenes, torchvision_nets  # noqa: F401

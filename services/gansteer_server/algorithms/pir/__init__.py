@@ -1,0 +1,1 @@
+"""Seed 000's PIR loop in pure torch: simulated interactions, the binned PIR estimator, guarded generator tuning."""
