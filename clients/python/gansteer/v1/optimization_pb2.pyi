@@ -252,44 +252,86 @@ class LatentSearchSpec(_message.Message):
     def __init__(self, generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., objective: _Optional[_Iterable[_Union[_scoring_pb2.ObjectiveTerm, _Mapping]]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., restarts: _Optional[int] = ..., search_class_embedding: _Optional[bool] = ..., perturbations: _Optional[int] = ..., perturbation_sigma: _Optional[float] = ..., percentile: _Optional[float] = ..., seed: _Optional[int] = ..., backend: _Optional[_Union[Backend, str]] = ..., classes: _Optional[_Iterable[int]] = ..., scorer: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., judge: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., discriminator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., prior_weight: _Optional[float] = ...) -> None: ...
 
 class PIRTuningSpec(_message.Message):
-    __slots__ = ("generator", "discriminator", "simulated_pir", "pir_estimator", "estimator_backbone", "estimator_bins", "estimator_temperature", "estimator_learning_rate", "estimator_epochs", "num_images", "pir_weight", "learning_rate", "steps", "iterations", "anchor_weight", "eval_images", "alpha", "seed")
+    __slots__ = ("generator", "discriminator", "pir_estimator", "check_estimator", "real_data", "pir_weight", "learning_rate", "steps", "batch_size", "anchor_weight", "check_every", "patience", "no_guards", "temperature", "register_as", "seed", "objective", "eval_images")
     GENERATOR_FIELD_NUMBER: _ClassVar[int]
     DISCRIMINATOR_FIELD_NUMBER: _ClassVar[int]
-    SIMULATED_PIR_FIELD_NUMBER: _ClassVar[int]
     PIR_ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
-    ESTIMATOR_BACKBONE_FIELD_NUMBER: _ClassVar[int]
-    ESTIMATOR_BINS_FIELD_NUMBER: _ClassVar[int]
-    ESTIMATOR_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
-    ESTIMATOR_LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
-    ESTIMATOR_EPOCHS_FIELD_NUMBER: _ClassVar[int]
-    NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    CHECK_ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
+    REAL_DATA_FIELD_NUMBER: _ClassVar[int]
     PIR_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
-    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     ANCHOR_WEIGHT_FIELD_NUMBER: _ClassVar[int]
-    EVAL_IMAGES_FIELD_NUMBER: _ClassVar[int]
-    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    CHECK_EVERY_FIELD_NUMBER: _ClassVar[int]
+    PATIENCE_FIELD_NUMBER: _ClassVar[int]
+    NO_GUARDS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    REGISTER_AS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    EVAL_IMAGES_FIELD_NUMBER: _ClassVar[int]
     generator: _common_pb2.ModelRef
     discriminator: _common_pb2.ModelRef
-    simulated_pir: _scoring_pb2.OutputRequest
     pir_estimator: _common_pb2.ModelRef
-    estimator_backbone: _common_pb2.ModelRef
-    estimator_bins: int
-    estimator_temperature: float
-    estimator_learning_rate: float
-    estimator_epochs: int
-    num_images: int
+    check_estimator: _common_pb2.ModelRef
+    real_data: str
     pir_weight: float
     learning_rate: float
     steps: int
-    iterations: int
+    batch_size: int
     anchor_weight: float
-    eval_images: int
-    alpha: float
+    check_every: int
+    patience: int
+    no_guards: bool
+    temperature: float
+    register_as: str
     seed: int
-    def __init__(self, generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., discriminator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., simulated_pir: _Optional[_Union[_scoring_pb2.OutputRequest, _Mapping]] = ..., pir_estimator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., estimator_backbone: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., estimator_bins: _Optional[int] = ..., estimator_temperature: _Optional[float] = ..., estimator_learning_rate: _Optional[float] = ..., estimator_epochs: _Optional[int] = ..., num_images: _Optional[int] = ..., pir_weight: _Optional[float] = ..., learning_rate: _Optional[float] = ..., steps: _Optional[int] = ..., iterations: _Optional[int] = ..., anchor_weight: _Optional[float] = ..., eval_images: _Optional[int] = ..., alpha: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    objective: _scoring_pb2.OutputRequest
+    eval_images: int
+    def __init__(self, generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., discriminator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., pir_estimator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., check_estimator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., real_data: _Optional[str] = ..., pir_weight: _Optional[float] = ..., learning_rate: _Optional[float] = ..., steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., anchor_weight: _Optional[float] = ..., check_every: _Optional[int] = ..., patience: _Optional[int] = ..., no_guards: _Optional[bool] = ..., temperature: _Optional[float] = ..., register_as: _Optional[str] = ..., seed: _Optional[int] = ..., objective: _Optional[_Union[_scoring_pb2.OutputRequest, _Mapping]] = ..., eval_images: _Optional[int] = ...) -> None: ...
+
+class SimulatedImpressions(_message.Message):
+    __slots__ = ("generator", "objective", "images", "impressions", "seed")
+    GENERATOR_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    IMPRESSIONS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    generator: _common_pb2.ModelRef
+    objective: _scoring_pb2.OutputRequest
+    images: int
+    impressions: int
+    seed: int
+    def __init__(self, generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., objective: _Optional[_Union[_scoring_pb2.OutputRequest, _Mapping]] = ..., images: _Optional[int] = ..., impressions: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class PIREstimatorSpec(_message.Message):
+    __slots__ = ("dataset", "simulate", "backbone", "bins", "learning_rate", "epochs", "held_out", "temperature", "single", "init_estimator", "register_as", "seed")
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    SIMULATE_FIELD_NUMBER: _ClassVar[int]
+    BACKBONE_FIELD_NUMBER: _ClassVar[int]
+    BINS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    HELD_OUT_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    SINGLE_FIELD_NUMBER: _ClassVar[int]
+    INIT_ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
+    REGISTER_AS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    simulate: SimulatedImpressions
+    backbone: _common_pb2.ModelRef
+    bins: int
+    learning_rate: float
+    epochs: int
+    held_out: float
+    temperature: float
+    single: bool
+    init_estimator: _common_pb2.ModelRef
+    register_as: str
+    seed: int
+    def __init__(self, dataset: _Optional[str] = ..., simulate: _Optional[_Union[SimulatedImpressions, _Mapping]] = ..., backbone: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., bins: _Optional[int] = ..., learning_rate: _Optional[float] = ..., epochs: _Optional[int] = ..., held_out: _Optional[float] = ..., temperature: _Optional[float] = ..., single: _Optional[bool] = ..., init_estimator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., register_as: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class HumanNESSpec(_message.Message):
     __slots__ = ("generator", "basis_images", "basis_components", "sigma", "pairs_per_image", "images_per_round", "rounds", "learning_rate", "simulated_rater", "seed")
@@ -340,7 +382,7 @@ class InteractiveEvolutionSpec(_message.Message):
     def __init__(self, generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., mu: _Optional[int] = ..., offspring: _Optional[int] = ..., mutation_rate: _Optional[float] = ..., rounds: _Optional[int] = ..., condition: _Optional[_Union[_common_pb2.ClassCondition, _Mapping]] = ..., seed: _Optional[int] = ..., fixed_mutation_rate: _Optional[bool] = ..., round_expiry_s: _Optional[float] = ..., backend: _Optional[_Union[Backend, str]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("inversion", "embedding_am", "latent_search", "pir_tuning", "human_nes", "interactive_evolution", "priority", "time_limit_s", "idempotency_key", "labels", "preview_every")
+    __slots__ = ("inversion", "embedding_am", "latent_search", "pir_tuning", "human_nes", "interactive_evolution", "pir_estimator", "priority", "time_limit_s", "idempotency_key", "labels", "preview_every")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -354,6 +396,7 @@ class JobSpec(_message.Message):
     PIR_TUNING_FIELD_NUMBER: _ClassVar[int]
     HUMAN_NES_FIELD_NUMBER: _ClassVar[int]
     INTERACTIVE_EVOLUTION_FIELD_NUMBER: _ClassVar[int]
+    PIR_ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     TIME_LIMIT_S_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -365,12 +408,13 @@ class JobSpec(_message.Message):
     pir_tuning: PIRTuningSpec
     human_nes: HumanNESSpec
     interactive_evolution: InteractiveEvolutionSpec
+    pir_estimator: PIREstimatorSpec
     priority: int
     time_limit_s: float
     idempotency_key: str
     labels: _containers.ScalarMap[str, str]
     preview_every: int
-    def __init__(self, inversion: _Optional[_Union[InversionSpec, _Mapping]] = ..., embedding_am: _Optional[_Union[EmbeddingAMSpec, _Mapping]] = ..., latent_search: _Optional[_Union[LatentSearchSpec, _Mapping]] = ..., pir_tuning: _Optional[_Union[PIRTuningSpec, _Mapping]] = ..., human_nes: _Optional[_Union[HumanNESSpec, _Mapping]] = ..., interactive_evolution: _Optional[_Union[InteractiveEvolutionSpec, _Mapping]] = ..., priority: _Optional[int] = ..., time_limit_s: _Optional[float] = ..., idempotency_key: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., preview_every: _Optional[int] = ...) -> None: ...
+    def __init__(self, inversion: _Optional[_Union[InversionSpec, _Mapping]] = ..., embedding_am: _Optional[_Union[EmbeddingAMSpec, _Mapping]] = ..., latent_search: _Optional[_Union[LatentSearchSpec, _Mapping]] = ..., pir_tuning: _Optional[_Union[PIRTuningSpec, _Mapping]] = ..., human_nes: _Optional[_Union[HumanNESSpec, _Mapping]] = ..., interactive_evolution: _Optional[_Union[InteractiveEvolutionSpec, _Mapping]] = ..., pir_estimator: _Optional[_Union[PIREstimatorSpec, _Mapping]] = ..., priority: _Optional[int] = ..., time_limit_s: _Optional[float] = ..., idempotency_key: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., preview_every: _Optional[int] = ...) -> None: ...
 
 class RoundItem(_message.Message):
     __slots__ = ("item_id", "seed", "latent", "condition", "parent_ids")
@@ -819,6 +863,72 @@ class ListInteractionsResponse(_message.Message):
     INTERACTIONS_FIELD_NUMBER: _ClassVar[int]
     interactions: _containers.RepeatedCompositeFieldContainer[Interaction]
     def __init__(self, interactions: _Optional[_Iterable[_Union[Interaction, _Mapping]]] = ...) -> None: ...
+
+class ImpressionRecord(_message.Message):
+    __slots__ = ("dataset", "generator", "seed", "latent", "class_id", "image_id", "impressions", "interactions", "cohort", "time", "reporter", "received_at", "source")
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    GENERATOR_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    LATENT_FIELD_NUMBER: _ClassVar[int]
+    CLASS_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    IMPRESSIONS_FIELD_NUMBER: _ClassVar[int]
+    INTERACTIONS_FIELD_NUMBER: _ClassVar[int]
+    COHORT_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    REPORTER_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_AT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    generator: _common_pb2.ModelRef
+    seed: int
+    latent: _common_pb2.Tensor
+    class_id: int
+    image_id: str
+    impressions: int
+    interactions: int
+    cohort: str
+    time: _timestamp_pb2.Timestamp
+    reporter: str
+    received_at: _timestamp_pb2.Timestamp
+    source: str
+    def __init__(self, dataset: _Optional[str] = ..., generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., seed: _Optional[int] = ..., latent: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., class_id: _Optional[int] = ..., image_id: _Optional[str] = ..., impressions: _Optional[int] = ..., interactions: _Optional[int] = ..., cohort: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reporter: _Optional[str] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ...) -> None: ...
+
+class ReportImpressionsRequest(_message.Message):
+    __slots__ = ("records", "idempotency_key")
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[ImpressionRecord]
+    idempotency_key: str
+    def __init__(self, records: _Optional[_Iterable[_Union[ImpressionRecord, _Mapping]]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class ReportImpressionsResponse(_message.Message):
+    __slots__ = ("recorded", "total", "duplicate")
+    RECORDED_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    recorded: int
+    total: int
+    duplicate: bool
+    def __init__(self, recorded: _Optional[int] = ..., total: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class ListImpressionsRequest(_message.Message):
+    __slots__ = ("dataset", "offset", "page_size")
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    offset: int
+    page_size: int
+    def __init__(self, dataset: _Optional[str] = ..., offset: _Optional[int] = ..., page_size: _Optional[int] = ...) -> None: ...
+
+class ListImpressionsResponse(_message.Message):
+    __slots__ = ("records", "total")
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[ImpressionRecord]
+    total: int
+    def __init__(self, records: _Optional[_Iterable[_Union[ImpressionRecord, _Mapping]]] = ..., total: _Optional[int] = ...) -> None: ...
 
 class JobOption(_message.Message):
     __slots__ = ("name", "type", "default_json")

@@ -85,6 +85,16 @@ class OptimizationServiceStub:
                 request_serializer=gansteer_dot_v1_dot_optimization__pb2.ListInteractionsRequest.SerializeToString,
                 response_deserializer=gansteer_dot_v1_dot_optimization__pb2.ListInteractionsResponse.FromString,
                 _registered_method=True)
+        self.ReportImpressions = channel.unary_unary(
+                '/gansteer.v1.OptimizationService/ReportImpressions',
+                request_serializer=gansteer_dot_v1_dot_optimization__pb2.ReportImpressionsRequest.SerializeToString,
+                response_deserializer=gansteer_dot_v1_dot_optimization__pb2.ReportImpressionsResponse.FromString,
+                _registered_method=True)
+        self.ListImpressions = channel.unary_unary(
+                '/gansteer.v1.OptimizationService/ListImpressions',
+                request_serializer=gansteer_dot_v1_dot_optimization__pb2.ListImpressionsRequest.SerializeToString,
+                response_deserializer=gansteer_dot_v1_dot_optimization__pb2.ListImpressionsResponse.FromString,
+                _registered_method=True)
 
 
 class OptimizationServiceServicer:
@@ -171,6 +181,23 @@ class OptimizationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportImpressions(self, request, context):
+        """Impressions and positive interactions per shown image (seed 000's PIR data), as a product or design tool
+        counts them. Appended to the named table with provenance (reporter, time received, source); nothing is ever
+        changed or removed. A bad record refuses the whole request (INVALID_ARGUMENT naming `records[i].<field>`;
+        NOT_FOUND for an unknown generator version). Resending with the same idempotency key records nothing twice.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListImpressions(self, request, context):
+        """A table's records in the order they arrived, a page at a time: the export a PIR estimator job trains on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OptimizationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -223,6 +250,16 @@ def add_OptimizationServiceServicer_to_server(servicer, server):
                     servicer.ListInteractions,
                     request_deserializer=gansteer_dot_v1_dot_optimization__pb2.ListInteractionsRequest.FromString,
                     response_serializer=gansteer_dot_v1_dot_optimization__pb2.ListInteractionsResponse.SerializeToString,
+            ),
+            'ReportImpressions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportImpressions,
+                    request_deserializer=gansteer_dot_v1_dot_optimization__pb2.ReportImpressionsRequest.FromString,
+                    response_serializer=gansteer_dot_v1_dot_optimization__pb2.ReportImpressionsResponse.SerializeToString,
+            ),
+            'ListImpressions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListImpressions,
+                    request_deserializer=gansteer_dot_v1_dot_optimization__pb2.ListImpressionsRequest.FromString,
+                    response_serializer=gansteer_dot_v1_dot_optimization__pb2.ListImpressionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -496,6 +533,60 @@ class OptimizationService:
             '/gansteer.v1.OptimizationService/ListInteractions',
             gansteer_dot_v1_dot_optimization__pb2.ListInteractionsRequest.SerializeToString,
             gansteer_dot_v1_dot_optimization__pb2.ListInteractionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportImpressions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gansteer.v1.OptimizationService/ReportImpressions',
+            gansteer_dot_v1_dot_optimization__pb2.ReportImpressionsRequest.SerializeToString,
+            gansteer_dot_v1_dot_optimization__pb2.ReportImpressionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListImpressions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gansteer.v1.OptimizationService/ListImpressions',
+            gansteer_dot_v1_dot_optimization__pb2.ListImpressionsRequest.SerializeToString,
+            gansteer_dot_v1_dot_optimization__pb2.ListImpressionsResponse.FromString,
             options,
             channel_credentials,
             insecure,
