@@ -32,8 +32,8 @@ GANSTEER = [sys.executable, "-m", "gansteer.cli"]
 ENV = {**os.environ, "GANSTEER_TORCH_THREADS": "1", "GANSTEER_LOG_LEVEL": "WARNING"}
 
 
-def gansteer(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*GANSTEER, *args], capture_output=True, text=True, timeout=timeout, env=ENV)
+def gansteer(*args: str, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*GANSTEER, *args], capture_output=True, text=True, timeout=timeout, env=ENV, cwd=cwd)
 
 
 def read_line(process: subprocess.Popen[str], timeout: float) -> str:
@@ -118,6 +118,16 @@ def test_up_models_generate(up: dict[str, Any], tmp_path: Path) -> None:
     document = json.loads(made.stdout)
     assert len(document["images"]) == 2 and all(Path(p).is_file() for p in document["images"])
     assert Path(document["grid"]).is_file()
+    # no --seed: new images each run, and the seed printed brings them back
+    again = json.loads(
+        gansteer(*up["args"], "generate", "scenes-gen", "-n", "2", "--out", str(tmp_path / "b"), "--json").stdout
+    )
+    assert again["seed"] != document["seed"]
+    same = gansteer(
+        *up["args"], "generate", "scenes-gen", "-n", "2", "--seed", str(document["seed"]), "--out", str(tmp_path / "c")
+    )
+    assert same.returncode == 0 and same.stdout.splitlines()[-1] == f"seed {document['seed']}"
+    assert np.array_equal(np.load(tmp_path / "c" / "latents.npy"), np.load(Path(document["latents"])))
 
 
 def test_kinds_and_optimizers_say_what_the_server_runs(up: dict[str, Any]) -> None:
@@ -174,6 +184,12 @@ def test_invert_then_jobs_commands(up: dict[str, Any], tmp_path: Path) -> None:
     fetched = gansteer(*up["args"], "jobs", "result", job_id, "--out", str(tmp_path / "again"), "--json")
     assert fetched.returncode == 0, fetched.stderr
     assert (tmp_path / "again" / "target_0.png").is_file()  # the targets come back from the job's spec
+    # without --out a result is saved all the same, under out/JOB_ID
+    here = tmp_path / "cwd"
+    here.mkdir()
+    default = gansteer(*up["args"], "invert", str(target), "--budget", "4", "--json", cwd=here)
+    assert default.returncode == 0, default.stderr
+    assert (here / "out" / json.loads(default.stdout)["job_id"] / "result_0.png").is_file()
 
 
 def test_refusals_map_to_exit_codes(up: dict[str, Any], tmp_path: Path) -> None:
@@ -228,8 +244,9 @@ def test_ctrl_c_cancels_the_submitted_job(up: dict[str, Any], tmp_path: Path) ->
     job_id = invert.stderr.readline().split()[-1]  # "submitted job <id>"
     # Interrupt a job that is running (cancelling a queued one would prove less), waiting on its state, not a clock.
     deadline = time.monotonic() + 120
-    while json.loads(gansteer(*up["args"], "jobs", "status", job_id, "--json").stdout)["state"] != "running":
+    while (status := json.loads(gansteer(*up["args"], "jobs", "status", job_id, "--json").stdout))["step"] < 1:
         assert time.monotonic() < deadline, "the job never started running"
+    assert status["state"] == "running"
     invert.send_signal(signal.SIGINT)
     assert invert.wait(120) == 130  # a bound for a loaded machine; it exits as soon as the cancel is through
     assert f"cancelled job {job_id}" in invert.stderr.read()
@@ -239,6 +256,12 @@ def test_ctrl_c_cancels_the_submitted_job(up: dict[str, Any], tmp_path: Path) ->
     assert time.monotonic() - started < 30
     again = gansteer(*up["args"], "jobs", "cancel", job_id, "--json")  # a finished job: nothing changes
     assert again.returncode == 0 and json.loads(again.stdout)["state"] == "cancelled"
+    # it keeps the best result it found: saved as a finished job's, while the exit code says it was cancelled
+    for extra in (["--no-wait"], []):
+        out = tmp_path / f"kept{len(extra)}"
+        kept = gansteer(*up["args"], "jobs", "result", job_id, "--out", str(out), "--json", *extra)
+        assert kept.returncode == 6, kept.stderr
+        assert json.loads(kept.stdout)["state"] == "cancelled" and (out / "result_0.png").is_file()
 
 
 def test_search_with_each_of_the_seeds_optimizers_and_basincma_inversion(up: dict[str, Any], tmp_path: Path) -> None:

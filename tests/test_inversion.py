@@ -21,6 +21,7 @@ from gansteer_server.algorithms.inversion import (
     InversionRun,
     StepSchedule,
 )
+from gansteer_server.algorithms.inversion.criteria import centre_square
 from gansteer_server.algorithms.inversion.metrics import psnr, ssim
 from gansteer_server.algorithms.search import HybridOptimizer, is_gradient_optimizer
 from gansteer_server.models.architectures.scenes import ScenesClassifier, ScenesDiscriminator, ScenesGenerator
@@ -129,6 +130,14 @@ def test_step_decays_tenfold_at_one_and_two_thirds_after_resetting_to_the_best(n
         run.step()
         assert run.learning_rate == pytest.approx(learning_rate)
         assert torch.equal(generator.calls[calls][0], best[:, :Z_SIZE])  # first evaluation is at the best point
+
+
+def test_targets_are_cropped_to_their_centred_square_not_stretched():
+    wide = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
+    assert torch.equal(centre_square(wide), wide[..., :, 1:5])
+    tall = wide.transpose(-1, -2)  # 6 high, 4 wide: rows 1 to 4
+    assert torch.equal(centre_square(tall), tall[..., 1:5, :])
+    assert torch.equal(centre_square(wide[..., :4]), wide[..., :4])  # already square: unchanged
 
 
 def test_decays_are_due_at_exact_fractions_of_the_budget():

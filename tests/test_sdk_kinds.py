@@ -151,6 +151,7 @@ def test_a_number_its_field_cannot_hold_is_refused_naming_the_option(
             getattr(client, method)(**arguments)
     assert str(refused.value).startswith(f"{named}: must be")
     assert refused.value.details[0].field == named
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT  # as the server's refusal would carry
 
 
 def test_every_kind_knows_its_options() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -159,8 +160,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.model is None:
         raise errors.InvalidArgument("give a generator, or --from a saved result")
     classes = [int(c) if c.isdigit() else c for c in args.classes] if args.classes else None
+    # New images on every run unless a seed is given, as image-generation tools do; the seed is printed, so that
+    # `--seed` brings a run's images back.
+    seed = args.seed if args.seed is not None else secrets.randbits(32)
     with _client(args) as client:
-        result = client.generate(args.model, args.n, seed=args.seed, classes=classes, truncation=args.truncation)
+        result = client.generate(args.model, args.n, seed=seed, classes=classes, truncation=args.truncation)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -171,12 +175,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     image_grid([result.images]).save(out / "grid.png")
     document = {
         "model": result.model,
+        "seed": seed,
         "images": paths,
         "grid": out / "grid.png",
         "class_ids": result.class_ids,
         "latents": out / "latents.npy",
     }
-    _emit(args, document, lambda: "\n".join(str(p) for p in [*paths, out / "grid.png"]))
+    _emit(args, document, lambda: "\n".join([*(str(p) for p in [*paths, out / "grid.png"]), f"seed {seed}"]))
     return EXIT_OK
 
 
@@ -225,6 +230,11 @@ def _wait(args: argparse.Namespace, job: Job, *, cancel_on_interrupt: bool) -> N
         raise
 
 
+def _out(args: argparse.Namespace, job: Job) -> Path:
+    """Where a finished job's files go: `--out`, else out/JOB_ID (a result is always saved somewhere)."""
+    return Path(args.out) if args.out else Path("out") / job.id
+
+
 def _wait_and_save(
     args: argparse.Namespace, job: Job, targets: Sequence[Any] | None, *, cancel_on_interrupt: bool = False
 ) -> int:
@@ -233,17 +243,18 @@ def _wait_and_save(
     return _save(args, job, targets)
 
 
-def _save(args: argparse.Namespace, job: Job, targets: Sequence[Any] | None) -> int:
+def _save(args: argparse.Namespace, job: Job, targets: Sequence[Any] | None, *, state: str = "succeeded") -> int:
     """Prints the result's metrics and, with --out, writes targets, results, result.json (what regenerates them),
     grid, latents and metrics."""
     result = job.result(wait=False)
     document: dict[str, Any] = {"job_id": job.id, "metrics": result.metrics, "items": result.item_metrics}
-    lines = [f"job {job.id} succeeded"]
-    if args.out:
-        spec = job.spec()
-        saved = save_inversion(result, list(targets) if targets is not None else job.targets(), args.out)
-        document.update(files=saved, result=result.save(args.out, spec=spec).path)
-        lines += [f"grid: {saved.grid}", *(f"result: {p}" for p in saved.results), f"saved: {document['result']}"]
+    if state != "succeeded":
+        document["state"] = state
+    lines = [f"job {job.id} {state}" + ("" if state == "succeeded" else ": its best result so far")]
+    out = _out(args, job)
+    saved = save_inversion(result, list(targets) if targets is not None else job.targets(), out)
+    document.update(files=saved, result=result.save(out, spec=job.spec()).path)
+    lines += [f"grid: {saved.grid}", *(f"result: {p}" for p in saved.results), f"saved: {document['result']}"]
     for i, item in enumerate(result.item_metrics):
         lines.append(f"target {i}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(item.items())))
     _emit(args, document, lambda: "\n".join(lines))
@@ -342,14 +353,27 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
 def cmd_jobs_result(args: argparse.Namespace) -> int:
     with _client(args) as client:
         job = client.job(args.job_id)
-        if args.no_wait:
-            status = job.status()
-            if status.state == JobState.CANCELLED:
-                raise errors.JobCancelled(status)
-            if status.state == JobState.FAILED:
-                raise errors.JobFailed(status)
-            return _save(args, job, None)
-        return _wait_and_save(args, job, None)
+        if not args.no_wait:
+            try:
+                _wait(args, job, cancel_on_interrupt=False)
+            except errors.JobFailed as ended:  # JobCancelled too
+                return _save_best_so_far(args, job, ended)
+        status = job.status()
+        if status.state == JobState.CANCELLED:
+            return _save_best_so_far(args, job, errors.JobCancelled(status))
+        if status.state == JobState.FAILED:
+            return _save_best_so_far(args, job, errors.JobFailed(status))
+        return _save(args, job, None)
+
+
+def _save_best_so_far(args: argparse.Namespace, job: Job, ended: errors.JobFailed) -> int:
+    """A cancelled job, or one past its time limit, keeps the best result it found: printed and saved as a finished
+    job's is, while the exit code (6) still says that the job did not succeed. One that kept none raises `ended`."""
+    try:
+        _save(args, job, None, state=ended.status.state.value)
+    except errors.FailedPrecondition:  # no result kept: it failed before its first
+        raise ended from None
+    return EXIT_JOB_FAILED
 
 
 # `gansteer evolve` options passed to `Client.evolve` under the same name when given.
@@ -467,20 +491,19 @@ def cmd_search(args: argparse.Namespace) -> int:
             return EXIT_OK
         _wait(args, job, cancel_on_interrupt=True)
         result = job.result(wait=False)
-        spec = job.spec() if args.out else None
+        spec = job.spec()
     document: dict[str, Any] = {"job_id": job.id, "metrics": result.metrics, "items": result.item_metrics}
     lines = [f"job {job.id} succeeded"] + [
         f"{name} {value:.4g}" for name, value in sorted(result.metrics.items()) if name not in ("steps",)
     ]
-    if args.out:
-        out = Path(args.out)
-        saved = result.save(out, spec=spec)
-        image_grid([result.images]).save(out / "grid.png")
-        np.save(out / "latents.npy", result.latents)
-        (out / "metrics.json").write_text(json.dumps(_plain(document), indent=2))
-        files = {"results": saved.images, "grid": out / "grid.png", "latents": out / "latents.npy"}
-        document["files"] = {**files, "result": saved.path}
-        lines += [f"grid: {out / 'grid.png'}", f"saved: {saved.path}"]
+    out = _out(args, job)
+    saved = result.save(out, spec=spec)
+    image_grid([result.images]).save(out / "grid.png")
+    np.save(out / "latents.npy", result.latents)
+    (out / "metrics.json").write_text(json.dumps(_plain(document), indent=2))
+    files = {"results": saved.images, "grid": out / "grid.png", "latents": out / "latents.npy"}
+    document["files"] = {**files, "result": saved.path}
+    lines += [f"grid: {out / 'grid.png'}", f"saved: {saved.path}"]
     for i, item in enumerate(result.item_metrics):
         shown = ("class_id", "objective", "robustness", "judge_prob", "realism")
         lines.append(f"result {i}: " + ", ".join(f"{k} {item[k]:.4g}" for k in shown if k in item))
@@ -552,7 +575,7 @@ def cmd_am(args: argparse.Namespace) -> int:
             return EXIT_OK
         _wait(args, job, cancel_on_interrupt=True)
         result = cast(EmbeddingAMResult, job.result(wait=False))
-        spec = job.spec() if args.out else None
+        spec = job.spec()
     trials = [{"metrics": t.metrics, "chosen": t.chosen} for t in result.trials]
     document: dict[str, Any] = {
         "job_id": job.id,
@@ -563,16 +586,15 @@ def cmd_am(args: argparse.Namespace) -> int:
         "registered": result.registered,
     }
     lines = [f"job {job.id} succeeded", *_am_lines(result)]
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        header = ["before", *(f"trial {i}" + (" *" if i == result.chosen else "") for i in range(len(trials)))]
-        rows = [list(samples) for samples in zip(*result.grid, strict=True)]  # a column per embedding, the same z
-        image_grid(rows, header=header).save(out / "grid.png")
-        np.save(out / "embedding.npy", result.trials[result.chosen].embedding)
-        saved = result.save(out, spec=spec)
-        document["files"] = {"grid": out / "grid.png", "embedding": out / "embedding.npy", "result": saved.path}
-        lines += [f"grid: {out / 'grid.png'}", f"embedding: {out / 'embedding.npy'}", f"saved: {saved.path}"]
+    out = _out(args, job)
+    out.mkdir(parents=True, exist_ok=True)
+    header = ["before", *(f"trial {i}" + (" *" if i == result.chosen else "") for i in range(len(trials)))]
+    rows = [list(samples) for samples in zip(*result.grid, strict=True)]  # a column per embedding, the same z
+    image_grid(rows, header=header).save(out / "grid.png")
+    np.save(out / "embedding.npy", result.trials[result.chosen].embedding)
+    saved = result.save(out, spec=spec)
+    document["files"] = {"grid": out / "grid.png", "embedding": out / "embedding.npy", "result": saved.path}
+    lines += [f"grid: {out / 'grid.png'}", f"embedding: {out / 'embedding.npy'}", f"saved: {saved.path}"]
     _emit(args, document, lambda: "\n".join(lines))
     return EXIT_OK
 
@@ -676,7 +698,9 @@ def build_parser() -> argparse.ArgumentParser:
         "generator version from the same latents and classes, each compared with the saved image",
     )
     generate.add_argument("-n", type=int, default=8, help="number of images (default 8)")
-    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument(
+        "--seed", type=int, help="seed of the drawn latents and classes (default: a random one, printed)"
+    )
     generate.add_argument(
         "--class", dest="classes", action="append", metavar="CLASS", help="class id or name (repeat for one per image)"
     )
@@ -729,7 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
     invert.add_argument("--learning-rate", type=float)
     invert.add_argument("--backend", choices=["local", "remote"])
     invert.add_argument(
-        "--out", help="write targets, results, result.json (regenerates them), grid.png, latents.npy, metrics.json"
+        "--out", help="folder for targets, results, result.json (regenerates them), grid, latents (default out/JOB_ID)"
     )
     invert.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
 
@@ -759,7 +783,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--seed", type=int, default=0)
     search.add_argument("--backend", choices=["local", "remote"])
     search.add_argument(
-        "--out", help="write results, result.json (regenerates them), grid.png, latents.npy, metrics.json here"
+        "--out", help="folder for results, result.json (regenerates them), grid, latents, metrics (default out/JOB_ID)"
     )
     search.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
 
@@ -792,7 +816,7 @@ def build_parser() -> argparse.ArgumentParser:
     am.add_argument("--seed", type=int)
     am.add_argument("--backend", choices=["local", "remote"])
     am.add_argument(
-        "--out", help="write grid.png (before/after, the same z), the chosen embedding.npy and result.json here"
+        "--out", help="folder for grid.png (before/after), the chosen embedding.npy, result.json (default out/JOB_ID)"
     )
     am.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
 
@@ -817,7 +841,7 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("--reason", default="cancelled from the command line")
     result = job_command("result", "wait for a job and save its result", cmd_jobs_result)
     result.add_argument(
-        "--out", help="write targets, results, result.json (regenerates them), grid.png, latents.npy, metrics.json"
+        "--out", help="folder for targets, results, result.json (regenerates them), grid, latents (default out/JOB_ID)"
     )
     result.add_argument("--no-wait", action="store_true", help="fail unless the job has already succeeded")
     return parser

@@ -35,16 +35,20 @@ class ErrorDetail:
 class GansteerError(Exception):
     """Base of every error the SDK raises for a refused or failed call.
 
-    `code` is the gRPC status (None for errors raised without a call, e.g. a job that failed), `message` the
-    server's text, `details` its `ErrorDetail`s (empty when it sent none).
+    `code` is the gRPC status: the server's, or for an error the SDK raises itself before any call (a bad option)
+    the status the server would have given (INVALID_ARGUMENT ...), so that callers branch on one thing; None for a
+    job that failed. `message` is the text, `details` the `ErrorDetail`s (empty when none were named).
     """
+
+    #: The status an error of this class raised by the SDK itself carries.
+    default_code: grpc.StatusCode | None = None
 
     def __init__(
         self, message: str, *, code: grpc.StatusCode | None = None, details: Sequence[ErrorDetail] = ()
     ) -> None:
         super().__init__(message)
         self.message = message
-        self.code = code
+        self.code = code if code is not None else self.default_code
         self.details: tuple[ErrorDetail, ...] = tuple(details)
 
     @property
@@ -139,6 +143,10 @@ _BY_CODE: dict[grpc.StatusCode, type[GansteerError]] = {
     grpc.StatusCode.CANCELLED: Cancelled,
     grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
 }
+
+
+for _code, _class in reversed(_BY_CODE.items()):  # the first code listed for a class is its own
+    _class.default_code = _code
 
 
 def error_class(code: grpc.StatusCode) -> type[GansteerError]:

@@ -66,6 +66,15 @@ def resize(images: Tensor, size: int | tuple[int, int]) -> Tensor:
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
+def centre_square(images: Tensor) -> Tensor:
+    """The largest centred square of (N, C, H, W) images: a target is cropped, not stretched, to the generator's
+    square frame (a 4:3 photograph keeps its proportions)."""
+    height, width = images.shape[-2:]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return images[..., top : top + side, left : left + side]
+
+
 class InversionCriterion:
     """C = lambda_S C_S + lambda_nu C_nu + lambda_R C_R + lambda_L C_L (eq. 8) against a fixed set of targets.
 

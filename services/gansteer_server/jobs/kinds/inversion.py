@@ -1,7 +1,8 @@
 """The inversion job (seed 003): `InversionSpec` -> a validated spec -> `algorithms.inversion.InversionRun`.
 
-Targets of another size than the generator's are resized to its resolution (bilinear with antialiasing, as the
-criterion resizes; non-square targets are stretched, as the seed's code does); images above the server's pixel
+Targets are centre-cropped to a square (the seed's code stretches them, which distorts every photograph that is
+not square) and resized to the generator's resolution (bilinear with antialiasing, as the criterion resizes); images
+above the server's pixel
 limit, empty or undecodable ones, and other channel counts than 1 (grey, repeated) or 3 are refused. Model versions
 are pinned at submission, so a version registered while the job waits does not change what it runs.
 """
@@ -25,7 +26,7 @@ from gansteer_server.algorithms.inversion import (
     InversionModels,
     InversionRun,
 )
-from gansteer_server.algorithms.inversion.criteria import resize
+from gansteer_server.algorithms.inversion.criteria import centre_square, resize
 from gansteer_server.algorithms.search import (
     CLASS_VECTORS,
     Budget,
@@ -144,7 +145,7 @@ class InversionJob(JobKind):
                 f"{FIELD}.targets", f"{len(message.targets)} targets exceed this server's limit of {limit}", "TOO_MANY"
             )
         images = [
-            resize(context.image(image, f"{FIELD}.targets[{i}]", channels)[None], resolution)[0]
+            resize(centre_square(context.image(image, f"{FIELD}.targets[{i}]", channels)[None]), resolution)[0]
             for i, image in enumerate(message.targets)
         ]
         return torch.stack(images).clamp(-1, 1)
