@@ -334,28 +334,40 @@ class PIREstimatorSpec(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., simulate: _Optional[_Union[SimulatedImpressions, _Mapping]] = ..., backbone: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., bins: _Optional[int] = ..., learning_rate: _Optional[float] = ..., epochs: _Optional[int] = ..., held_out: _Optional[float] = ..., temperature: _Optional[float] = ..., single: _Optional[bool] = ..., init_estimator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., register_as: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class HumanNESSpec(_message.Message):
-    __slots__ = ("generator", "basis_images", "basis_components", "sigma", "pairs_per_image", "images_per_round", "rounds", "learning_rate", "simulated_rater", "seed")
+    __slots__ = ("generator", "basis", "basis_images", "basis_components", "basis_scenes", "sigma", "images", "pairs_per_image", "rounds", "raters_per_pair", "answer_levels", "learning_rate", "condition", "register_as", "round_expiry_s", "seed")
     GENERATOR_FIELD_NUMBER: _ClassVar[int]
+    BASIS_FIELD_NUMBER: _ClassVar[int]
     BASIS_IMAGES_FIELD_NUMBER: _ClassVar[int]
     BASIS_COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    BASIS_SCENES_FIELD_NUMBER: _ClassVar[int]
     SIGMA_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     PAIRS_PER_IMAGE_FIELD_NUMBER: _ClassVar[int]
-    IMAGES_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    RATERS_PER_PAIR_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_LEVELS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
-    SIMULATED_RATER_FIELD_NUMBER: _ClassVar[int]
+    CONDITION_FIELD_NUMBER: _ClassVar[int]
+    REGISTER_AS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_EXPIRY_S_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     generator: _common_pb2.ModelRef
+    basis: str
     basis_images: _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]
     basis_components: int
+    basis_scenes: int
     sigma: float
+    images: int
     pairs_per_image: int
-    images_per_round: int
     rounds: int
+    raters_per_pair: int
+    answer_levels: int
     learning_rate: float
-    simulated_rater: _containers.RepeatedCompositeFieldContainer[_scoring_pb2.ObjectiveTerm]
+    condition: _common_pb2.ClassCondition
+    register_as: str
+    round_expiry_s: float
     seed: int
-    def __init__(self, generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., basis_images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., basis_components: _Optional[int] = ..., sigma: _Optional[float] = ..., pairs_per_image: _Optional[int] = ..., images_per_round: _Optional[int] = ..., rounds: _Optional[int] = ..., learning_rate: _Optional[float] = ..., simulated_rater: _Optional[_Iterable[_Union[_scoring_pb2.ObjectiveTerm, _Mapping]]] = ..., seed: _Optional[int] = ...) -> None: ...
+    def __init__(self, generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., basis: _Optional[str] = ..., basis_images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., basis_components: _Optional[int] = ..., basis_scenes: _Optional[int] = ..., sigma: _Optional[float] = ..., images: _Optional[int] = ..., pairs_per_image: _Optional[int] = ..., rounds: _Optional[int] = ..., raters_per_pair: _Optional[int] = ..., answer_levels: _Optional[int] = ..., learning_rate: _Optional[float] = ..., condition: _Optional[_Union[_common_pb2.ClassCondition, _Mapping]] = ..., register_as: _Optional[str] = ..., round_expiry_s: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class InteractiveEvolutionSpec(_message.Message):
     __slots__ = ("generator", "mu", "offspring", "mutation_rate", "rounds", "condition", "seed", "fixed_mutation_rate", "round_expiry_s", "backend")
@@ -439,7 +451,7 @@ class RoundPair(_message.Message):
     def __init__(self, left: _Optional[int] = ..., right: _Optional[int] = ...) -> None: ...
 
 class FeedbackRound(_message.Message):
-    __slots__ = ("round_id", "images", "choose", "num_pairs", "round", "answer", "items", "pairs", "generator", "expires_at", "allow_repeats", "answers_required", "answers_received", "rating_min", "rating_max", "actions", "step_size")
+    __slots__ = ("round_id", "images", "choose", "num_pairs", "round", "answer", "items", "pairs", "generator", "expires_at", "allow_repeats", "answers_required", "answers_received", "rating_min", "rating_max", "actions", "step_size", "answer_levels")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     CHOOSE_FIELD_NUMBER: _ClassVar[int]
@@ -457,6 +469,7 @@ class FeedbackRound(_message.Message):
     RATING_MAX_FIELD_NUMBER: _ClassVar[int]
     ACTIONS_FIELD_NUMBER: _ClassVar[int]
     STEP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_LEVELS_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     images: _common_pb2.ImageBatch
     choose: int
@@ -474,7 +487,8 @@ class FeedbackRound(_message.Message):
     rating_max: float
     actions: _containers.RepeatedScalarFieldContainer[ChoiceAction]
     step_size: float
-    def __init__(self, round_id: _Optional[str] = ..., images: _Optional[_Union[_common_pb2.ImageBatch, _Mapping]] = ..., choose: _Optional[int] = ..., num_pairs: _Optional[int] = ..., round: _Optional[int] = ..., answer: _Optional[_Union[AnswerKind, str]] = ..., items: _Optional[_Iterable[_Union[RoundItem, _Mapping]]] = ..., pairs: _Optional[_Iterable[_Union[RoundPair, _Mapping]]] = ..., generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., allow_repeats: _Optional[bool] = ..., answers_required: _Optional[int] = ..., answers_received: _Optional[int] = ..., rating_min: _Optional[float] = ..., rating_max: _Optional[float] = ..., actions: _Optional[_Iterable[_Union[ChoiceAction, str]]] = ..., step_size: _Optional[float] = ...) -> None: ...
+    answer_levels: int
+    def __init__(self, round_id: _Optional[str] = ..., images: _Optional[_Union[_common_pb2.ImageBatch, _Mapping]] = ..., choose: _Optional[int] = ..., num_pairs: _Optional[int] = ..., round: _Optional[int] = ..., answer: _Optional[_Union[AnswerKind, str]] = ..., items: _Optional[_Iterable[_Union[RoundItem, _Mapping]]] = ..., pairs: _Optional[_Iterable[_Union[RoundPair, _Mapping]]] = ..., generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., allow_repeats: _Optional[bool] = ..., answers_required: _Optional[int] = ..., answers_received: _Optional[int] = ..., rating_min: _Optional[float] = ..., rating_max: _Optional[float] = ..., actions: _Optional[_Iterable[_Union[ChoiceAction, str]]] = ..., step_size: _Optional[float] = ..., answer_levels: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "kind", "state", "owner", "created_at", "started_at", "finished_at", "step", "total_steps", "criterion", "error", "error_details", "cancel_requested", "attempts", "last_event_id", "pending_round", "labels", "priority", "expires_at", "spec")
