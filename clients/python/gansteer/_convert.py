@@ -448,7 +448,13 @@ def feedback_round(message: optimization_pb2.FeedbackRound, *, job_id: str) -> F
         expires_at=_time(message.expires_at),
         actions=tuple(CHOICE_ACTIONS[action] for action in message.actions if action in CHOICE_ACTIONS),
         step_size=message.step_size,
+        answer_levels=message.answer_levels,
+        pixels=tuple(batch_to_pil(message.images)) if _has_images(message.images) else (),
     )
+
+
+def _has_images(batch: common_pb2.ImageBatch) -> bool:
+    return len(batch.images) > 0 or batch.HasField("tensor")
 
 
 def interaction(message: optimization_pb2.Interaction) -> Interaction:

@@ -35,6 +35,7 @@ from gansteer.errors import (
 from gansteer.kinds import result_type
 from gansteer.kinds.embedding_am import EMBEDDING_AM, EmbeddingAMOptions, embedding_am_spec
 from gansteer.kinds.evolution import EVOLUTION, EvolutionOptions, evolution_spec
+from gansteer.kinds.human_nes import HUMAN_NES, HumanNESOptions, human_nes_spec
 from gansteer.kinds.inversion import INVERSION, InversionOptions, inversion_spec
 from gansteer.kinds.latent_search import LATENT_SEARCH, LatentSearchOptions, latent_search_spec
 from gansteer.saved import SavedInput, load_result
@@ -187,6 +188,12 @@ class Core:
         named_class = isinstance(options.get("conditioned_class"), str)
         card = (yield from self.model(model)) if named_class else None
         return (yield from self.submit(evolution_spec(model=model, card=card, **options)))
+
+    def human_nes(self, *, model: str, options: HumanNESOptions) -> Steps[tuple[str, str]]:
+        HUMAN_NES.check(options)
+        named_class = isinstance(options.get("conditioned_class"), str)
+        card = (yield from self.model(model)) if named_class else None
+        return (yield from self.submit(human_nes_spec(model=model, card=card, **options)))
 
     def latent_search(self, *, model: str, options: LatentSearchOptions) -> Steps[tuple[str, str]]:
         LATENT_SEARCH.check(options)
@@ -383,7 +390,10 @@ class Core:
         )
 
     def render(self, round: FeedbackRound) -> Steps[list[PILImage.Image]]:
-        """The round's items rendered by its pinned generator, in order."""
+        """The round's items rendered by its pinned generator, in order; the round's own images when it carries them
+        (a kind whose images are not the generator's output alone, e.g. human NES's x +- Delta)."""
+        if round.pixels:
+            return list(round.pixels)
         images: dict[int, PILImage.Image] = {}
         for indices, request in _rounds.render_requests(round):
             response = yield from self.unary(Call("generation", "Generate", request))

@@ -32,7 +32,13 @@ from gansteer._steps import Await, Call, Emit, Feed, Service, Sleep, Steps, Stre
 from gansteer._transport import CHANNEL_OPTIONS, DEFAULT_TARGET, auth_metadata, resolve_targets
 from gansteer.client import STUBS
 from gansteer.errors import GansteerError, from_rpc_error
-from gansteer.kinds import EmbeddingAMOptions, EvolutionOptions, InversionOptions, LatentSearchOptions
+from gansteer.kinds import (
+    EmbeddingAMOptions,
+    EvolutionOptions,
+    HumanNESOptions,
+    InversionOptions,
+    LatentSearchOptions,
+)
 from gansteer.saved import SavedInput
 from gansteer.types import (
     Answer,
@@ -231,6 +237,11 @@ class AsyncClient:
     async def evolve(self, *, model: str, **options: Unpack[EvolutionOptions]) -> AsyncJob:
         """Submits an interactive evolution; the options are those of `Client.evolve`."""
         job_id, kind = await self._run(self._core.evolve(model=model, options=options))
+        return AsyncJob(self, job_id, kind=kind)
+
+    async def human_nes(self, *, model: str, **options: Unpack[HumanNESOptions]) -> AsyncJob:
+        """Submits a human NES job; the options are those of `Client.human_nes`."""
+        job_id, kind = await self._run(self._core.human_nes(model=model, options=options))
         return AsyncJob(self, job_id, kind=kind)
 
     async def latent_search(self, *, model: str, **options: Unpack[LatentSearchOptions]) -> AsyncJob:

@@ -24,7 +24,13 @@ from gansteer._steps import Await, Call, Emit, Feed, Service, Sleep, Steps, Stre
 from gansteer._transport import CHANNEL_OPTIONS, DEFAULT_TARGET, auth_metadata, resolve_targets
 from gansteer.errors import GansteerError, from_rpc_error
 from gansteer.job import Job
-from gansteer.kinds import EmbeddingAMOptions, EvolutionOptions, InversionOptions, LatentSearchOptions
+from gansteer.kinds import (
+    EmbeddingAMOptions,
+    EvolutionOptions,
+    HumanNESOptions,
+    InversionOptions,
+    LatentSearchOptions,
+)
 from gansteer.saved import SavedInput
 from gansteer.types import (
     Answer,
@@ -273,6 +279,20 @@ class Client:
         `gansteer.simulate.SimulatedPerson`). Returns at once with the job.
         """
         job_id, kind = self._run(self._core.evolve(model=model, options=options))
+        return Job(self, job_id, kind=kind)
+
+    def human_nes(self, *, model: str, **options: Unpack[HumanNESOptions]) -> Job:
+        """Submits a human NES job (seed 004, HumanGAN) on generator `model`: each round shows, for `images` fixed
+        latents, `pairs_per_image` pairs x + Delta / x - Delta on random sides; people answer each pair on a graded
+        scale in [-1, 1] (+1: left looks better) and one optimizer step follows. The tuned generator is registered
+        as a new version (`job.result().models`), served without a restart.
+
+        `options` (see `HumanNESOptions`): `basis` (uneven), `basis_images` or `basis_folder` (default: scenes
+        renders), `basis_components` (q), `sigma`, `images`, `pairs_per_image`, `rounds`, `raters_per_pair`,
+        `answer_levels`, `learning_rate`, `register_as`, ... Answer with `job.answer_rounds(rater)` (a person's UI,
+        `gansteer-web`, or `gansteer.simulate_pairwise.PairwisePerson`). Returns at once with the job.
+        """
+        job_id, kind = self._run(self._core.human_nes(model=model, options=options))
         return Job(self, job_id, kind=kind)
 
     def latent_search(self, *, model: str, **options: Unpack[LatentSearchOptions]) -> Job:

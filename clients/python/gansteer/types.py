@@ -341,6 +341,11 @@ class FeedbackRound:
     #: will use, which an answer may change (0: the round takes none).
     actions: tuple[ChoiceAction, ...] = ()
     step_size: float = 0.0
+    #: Pairwise rounds: the points of the graded scale to show, from -1 to 1 (0: continuous).
+    answer_levels: int = 0
+    #: The images to show, when the round carries its own (human NES's x +- Delta are not the generator's output
+    #: alone); empty: the items are rendered by `generator` (`Round.images()` does either).
+    pixels: tuple[PILImage.Image, ...] = field(default=(), repr=False, compare=False)
 
 
 @dataclass(frozen=True)

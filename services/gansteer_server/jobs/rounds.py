@@ -22,7 +22,7 @@ from torch import Tensor
 from gansteer_server.jobs.records import timestamp
 from gansteer_server.proto import common_pb2
 from gansteer_server.proto import optimization_pb2 as opt
-from gansteer_server.wire.convert import float_tensor
+from gansteer_server.wire.convert import float_tensor, image_batch
 from gansteer_server.wire.errors import invalid_argument
 
 AnswerKind = Literal["choice", "pairwise", "rating"]
@@ -72,6 +72,10 @@ class Round:
     expires_in_s: float = 0.0  # 0: the deployment's default
     actions: tuple[ChoiceAction, ...] = ()  # choice: what an answer may do besides picking (none_good, undo)
     step_size: float = 0.0  # choice: the step size the next round uses, which an answer may change; 0: none taken
+    #: The pixels shown, (len(items), C, H, W) in [-1, 1], when they are not the generator's output alone (human NES
+    #: shows x +- Delta); stored in the round as PNG. None: whoever shows the round renders the items.
+    images: Tensor | None = None
+    answer_levels: int = 0  # pairwise: points of the graded scale shown, from -1 to 1 (0: continuous)
 
     def __post_init__(self) -> None:
         if self.answer not in _ANSWER_KINDS:
@@ -86,6 +90,8 @@ class Round:
             raise ValueError("pairs index the round's items")
         if self.answers_required < 1:
             raise ValueError(f"answers_required must be >= 1, got {self.answers_required}")
+        if self.images is not None and len(self.images) != len(self.items):
+            raise ValueError(f"images: one per item ({len(self.items)}), got {len(self.images)}")
         if any(action not in CHOICE_ACTIONS for action in self.actions) or (self.actions and self.answer != "choice"):
             raise ValueError(f"a choice round's actions are some of {sorted(CHOICE_ACTIONS)}, got {self.actions}")
 
@@ -120,7 +126,10 @@ def round_message(round_: Round, round_id: str, expires_at: float) -> opt.Feedba
         pairs=[opt.RoundPair(left=left, right=right) for left, right in round_.pairs],
         actions=[CHOICE_ACTIONS[action] for action in round_.actions],  # type: ignore[misc]
         step_size=round_.step_size,
+        answer_levels=round_.answer_levels,
     )
+    if round_.images is not None:
+        message.images.CopyFrom(image_batch(round_.images.float().clamp(-1, 1), as_png=True))
     message.expires_at.CopyFrom(timestamp(expires_at))
     for item in round_.items:
         entry = message.items.add(item_id=item.item_id, seed=item.seed, parent_ids=list(item.parent_ids))

@@ -18,6 +18,7 @@ from gansteer.kinds.embedding_am import (
     embedding_am_spec,
 )
 from gansteer.kinds.evolution import EVOLUTION, EvolutionOptions, EvolutionResult, evolution_spec
+from gansteer.kinds.human_nes import HUMAN_NES, HumanNESOptions, HumanNESResult, human_nes_spec
 from gansteer.kinds.inversion import INVERSION, InversionOptions, InversionResult, inversion_spec
 from gansteer.kinds.latent_search import (
     LATENT_SEARCH,
@@ -27,7 +28,7 @@ from gansteer.kinds.latent_search import (
 )
 from gansteer.types import JobResult
 
-KINDS: Mapping[str, Kind] = {kind.name: kind for kind in (INVERSION, EVOLUTION, LATENT_SEARCH, EMBEDDING_AM)}
+KINDS: Mapping[str, Kind] = {kind.name: kind for kind in (INVERSION, EVOLUTION, LATENT_SEARCH, EMBEDDING_AM, HUMAN_NES)}
 
 
 def result_type(kind: str) -> type[JobResult]:
@@ -42,6 +43,8 @@ __all__ = [
     "EmbeddingAMResult",
     "EvolutionOptions",
     "EvolutionResult",
+    "HumanNESOptions",
+    "HumanNESResult",
     "InversionOptions",
     "InversionResult",
     "Kind",
@@ -49,6 +52,7 @@ __all__ = [
     "LatentSearchResult",
     "embedding_am_spec",
     "evolution_spec",
+    "human_nes_spec",
     "inversion_spec",
     "latent_search_spec",
     "result_type",

@@ -1,0 +1,132 @@
+"""Human NES end to end: `client.human_nes` submits it, a worker subprocess on the real Redis opens pairwise rounds
+(x +- Delta on random sides, the pixels stored in the round), two simulated raters answer every pair through the SDK
+calls a person's UI makes, the answers reach the interaction log with their provenance, and the tuned generator is
+registered as a new version (its lineage naming the answers) that the generation service serves without a restart.
+Bad input is refused naming the field."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from job_fixtures import DISC, GEN, JobStack, make_settings, target_png
+
+from gansteer import Client, InvalidArgument, JobState
+from gansteer.simulate_pairwise import PairwisePerson
+from gansteer.types import AnswerKind, Round
+from gansteer_server.models import ModelRegistry
+from gansteer_server.servers.app import start_generation_server, start_scoring_server
+
+pytestmark = [pytest.mark.service, pytest.mark.job, pytest.mark.slow]
+SMALL = {"images": 3, "pairs_per_image": 4, "basis_scenes": 40, "basis_components": 12}
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Client, JobStack]]:
+    stack = JobStack(tmp_path_factory.mktemp("human-nes"))
+    settings = make_settings(stack.registry_root)
+    generation = start_generation_server(settings, port=0, metrics_port=0)
+    scoring = start_scoring_server(settings, port=0, metrics_port=0)
+    try:
+        optimization, _ = stack.start_server()
+        stack.start_worker()
+        with Client(
+            optimization.address, generation_target=generation.address, scoring_target=scoring.address, timeout=60
+        ) as connected:
+            yield connected, stack
+    finally:
+        stack.close()
+        generation.stop(grace=None)
+        scoring.stop(grace=None)
+
+
+def next_round(job: object, after: str = "") -> Round:
+    for round in job.rounds():  # type: ignore[attr-defined]
+        if round.round_id != after:
+            return round  # type: ignore[no-any-return]
+    raise AssertionError(f"job ended without another round: {job.status()}")  # type: ignore[attr-defined]
+
+
+def test_two_raters_tune_the_generator_and_the_new_version_is_served(services: tuple[Client, JobStack]) -> None:
+    client, stack = services
+    raters = [PairwisePerson(client, scorer=DISC, rater_id=f"sim-{i}", seed=i, position_bias=0.3) for i in range(2)]
+    job = client.human_nes(
+        model=GEN, rounds=2, raters_per_pair=2, learning_rate=1e-2, register_as="tiny-gen-nes", seed=4, **SMALL
+    )
+    shown: list[Round] = []
+    for _ in range(2):
+        round = next_round(job, shown[-1].round_id if shown else "")
+        assert round.answer is AnswerKind.PAIRWISE and round.answers_required == 2 and round.answer_levels == 5
+        assert len(round.pairs) == 12 and len(round.items) == 24 and len(round.images()) == 24
+        for rater in raters:
+            job.feedback(round, pairwise=rater(round).pairwise, rater=rater.rater_id)
+        shown.append(round)
+    status = job.wait(timeout=300)
+    assert status.state is JobState.SUCCEEDED, status.error
+
+    # Sides were randomised and recorded: each pair shows x + Delta on one side and x - Delta on the other.
+    plus_left = [round.items[left].item_id.endswith("+") for round in shown for left, _ in round.pairs]
+    assert all(
+        round.items[left].item_id.endswith("+") != round.items[right].item_id.endswith("+")
+        for round in shown
+        for left, right in round.pairs
+    )
+    assert 0 < sum(plus_left) < len(plus_left)
+    # x + Delta and x - Delta differ from each other, symmetric about the same image.
+    first = shown[0]
+    left, right = (np.asarray(first.images()[i], np.float64) for i in first.pairs[0])
+    assert np.abs(left - right).mean() > 1.0
+
+    log = job.interactions()
+    assert sorted((entry.round, entry.rater != "") for entry in log) == [(1, True), (1, True), (2, True), (2, True)]
+    assert all(len(entry.pairwise or ()) == 12 and len(entry.items) == 24 for entry in log)
+    assert len({entry.rater for entry in log}) == 2  # two raters' pseudonyms
+
+    result = job.result()
+    assert result.models == ["tiny-gen-nes@1"]
+    card = ModelRegistry([stack.registry_root]).card("tiny-gen-nes@1")
+    lineage = card.extra["lineage"]
+    assert lineage["job_id"] == job.id and lineage["kind"] == "human_nes" and lineage["base"] == f"{GEN}@1"
+    assert sorted(lineage["spec"]["answers"]) == sorted(f"{entry.round}:{entry.rater}" for entry in log)
+
+    # Served without a restart: the generation service renders the new version, as the job's result shows it.
+    served = client.generate("tiny-gen-nes", latents=result.latents, classes=list(result.class_ids))
+    base = client.generate(GEN, latents=result.latents, classes=list(result.class_ids))
+    tuned = np.stack([np.asarray(im, np.float64) for im in served.images])
+    before = np.stack([np.asarray(im, np.float64) for im in base.images])
+    expected = np.stack([np.asarray(im, np.float64) for im in result.images])
+    assert np.abs(tuned - expected).max() <= 1.0  # PNG rounding only
+    assert np.abs(tuned - before).mean() > 0.5  # the weights moved
+
+
+def test_an_answer_outside_the_scale_is_refused_naming_the_field(services: tuple[Client, JobStack]) -> None:
+    client, _ = services
+    job = client.human_nes(model=GEN, rounds=1, seed=5, register_as="tiny-gen-nes-refused", **SMALL)
+    round = next_round(job)
+    with pytest.raises(InvalidArgument) as refused:
+        job.feedback(round, pairwise=[1.5] + [0.0] * (len(round.pairs) - 1), rater="sim")
+    assert refused.value.field == "pairwise.judgements[0].score"
+    job.cancel()
+
+
+def test_bad_specs_are_refused_naming_the_field(services: tuple[Client, JobStack], tmp_path: Path) -> None:
+    client, _ = services
+    for index in range(3):
+        (tmp_path / f"{index}.png").write_bytes(target_png(index))
+    cases = [
+        ({"basis_scenes": 40, "basis_components": 40}, "spec.human_nes.basis_components"),
+        ({"sigma": 0.0}, "spec.human_nes.sigma"),
+        ({"sigma": -1.0}, "spec.human_nes.sigma"),
+        ({"pairs_per_image": -1}, "spec.human_nes.pairs_per_image"),
+        ({"basis_folder": tmp_path}, "spec.human_nes.basis_images"),
+        ({"basis": "wavelets"}, "spec.human_nes.basis"),
+    ]
+    for options, field in cases:
+        with pytest.raises(InvalidArgument) as refused:
+            client.human_nes(model=GEN, **options)  # type: ignore[arg-type]
+        assert refused.value.field == field, (options, refused.value)
+    with pytest.raises(InvalidArgument) as missing:
+        client.human_nes(model=GEN, basis_folder=tmp_path / "absent")
+    assert missing.value.field == "basis_folder"
