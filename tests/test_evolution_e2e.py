@@ -18,6 +18,7 @@ from job_fixtures import CLF, GEN, JobStack, make_settings, target_png
 from gansteer import Client, InvalidArgument, JobState, RoundClosed, load_result
 from gansteer.simulate import SimulatedPerson, Target
 from gansteer.types import Round
+from gansteer_server.algorithms.interactive import DEFAULT_MUTATION_RATE
 from gansteer_server.servers.app import start_generation_server, start_scoring_server
 
 pytestmark = [pytest.mark.service, pytest.mark.job, pytest.mark.slow]
@@ -86,7 +87,7 @@ def test_a_simulated_person_evolves_through_the_sdk_and_the_log_keeps_the_lineag
 def test_none_is_good_undo_and_a_step_size_and_bad_answers_refused_naming_the_field(client: Client) -> None:
     job = client.evolve(model=GEN, rounds=5, seed=4, **SMALL)  # type: ignore[arg-type]
     first = next_round(job)
-    assert first.actions == ("none_good", "undo") and first.step_size == pytest.approx(1 / 16)
+    assert first.actions == ("none_good", "undo") and first.step_size == pytest.approx(DEFAULT_MUTATION_RATE)
     assert all(item.embedding is not None for item in first.items)  # the class vector is evolved
 
     with pytest.raises(InvalidArgument) as caught:

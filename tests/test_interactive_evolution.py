@@ -1,7 +1,8 @@
 """HEVOL's algorithm (seed 003, Algorithm 1 with a person as the selection): the first round draws from the prior, a
-pick answer breeds the recombination and lambda mutated copies of the picks (repeats weighing more), none is good
-draws again, undo shows the previous round again, a step size sets the mutation rate, every item names its parents,
-and a run reloaded from its state continues exactly. Also the answer checks of a round that offers actions."""
+pick answer breeds the recombination, the picks again and mutated copies of the picks (repeats weighing more), none
+is good draws again, undo shows the previous round again, a step size sets the mutation rate, every item names its
+parents, and a run reloaded from its state continues exactly. Also the answer checks of a round that offers
+actions."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import io
 import pytest
 import torch
 
-from gansteer_server.algorithms.interactive import EvolutionConfig, EvolutionRun
+from gansteer_server.algorithms.interactive import DEFAULT_MUTATION_RATE, EvolutionConfig, EvolutionRun
 from gansteer_server.jobs.rounds import Round, RoundItem, check_answer, round_message
 from gansteer_server.proto import optimization_pb2 as opt
 from gansteer_server.wire.errors import ServiceError
@@ -32,38 +33,85 @@ def test_the_first_round_is_drawn_from_the_prior_each_item_from_its_own_seed() -
     assert first.class_vectors is not None and first.class_vectors.shape == (28, E)
 
 
-def test_picks_breed_their_recombination_and_mutated_copies_with_their_lineage() -> None:
+def test_picks_breed_their_recombination_the_picks_again_and_mutated_copies_with_their_lineage() -> None:
     evolution = run(seed=1, adapt_mutation_rate=False)
     first = evolution.open_round()
     picks = [4, 4, 7, 1, 2]  # the same image twice
     evolution.tell("pick", picks)
     second = evolution.open_round()
-    assert second.number == 2 and second.picks_before == tuple(picks)
+    assert second.number == 2 and second.picks_before == tuple(picks) and len(second.item_ids) == 28
     mean = first.z[picks].mean(0)
     expected = mean * first.z[picks].norm(dim=1).mean() / mean.norm()  # scaled back to the picks' norm
     assert torch.allclose(second.z[0], expected, atol=1e-6)
     assert second.parent_ids[0] == ("r1-4", "r1-7", "r1-1", "r1-2")
-    for k in range(1, 28):
-        source = picks[(k - 1) % 5]  # the picks in turn: a picked-twice image has twice the offspring
+    assert first.class_vectors is not None and second.class_vectors is not None
+    assert torch.allclose(second.class_vectors[0], first.class_vectors[picks].mean(0))
+    distinct = [4, 7, 1, 2]
+    for k, source in enumerate(distinct, start=1):  # the picks again, unchanged: the plus selection
+        assert torch.equal(second.z[k], first.z[source]) and second.seeds[k] == first.seeds[source]
+        assert torch.equal(second.class_vectors[k], first.class_vectors[source])
         assert second.parent_ids[k] == (f"r1-{source}",)
-        changed = (second.z[k] != first.z[source]).sum()
-        assert changed >= 1  # at least one coordinate resampled (Algorithm 1's `repeat`)
-    assert second.seeds == (0,) * 28
-    # With the rate 1/d most offspring change one or two coordinates.
-    changes = [(second.z[k] != first.z[picks[(k - 1) % 5]]).sum().item() for k in range(1, 28)]
+    offspring = range(1 + len(distinct), 28)
+    for k in offspring:
+        source = picks[(k - 5) % 5]  # the picks in turn: a picked-twice image has twice the offspring
+        assert second.parent_ids[k] == (f"r1-{source}",) and second.seeds[k] == 0
+        assert (second.z[k] != first.z[source]).sum() >= 1  # at least one coordinate resampled (`repeat`)
+        assert torch.equal(second.class_vectors[k], first.class_vectors[source])  # the class is recombined only
+    # The default rate resamples about DEFAULT_MUTATION_RATE of the coordinates (at least one).
+    changed = torch.stack([(second.z[k] != first.z[picks[(k - 5) % 5]]).float() for k in offspring])
+    assert evolution.rate == DEFAULT_MUTATION_RATE
+    assert abs(changed.mean().item() - DEFAULT_MUTATION_RATE) < 0.05
+
+
+def test_without_keep_picks_and_with_fresh_draws_the_round_is_filled_otherwise() -> None:
+    plain = run(seed=1, adapt_mutation_rate=False, keep_picks=False, mutation_rate=1 / D)
+    first = plain.open_round()
+    plain.tell("pick", [4, 4, 7, 1, 2])
+    second = plain.open_round()
+    for k in range(1, 28):  # Algorithm 1 without the kept picks: 27 offspring, one or two coordinates each
+        assert second.parent_ids[k] == (f"r1-{[4, 4, 7, 1, 2][(k - 1) % 5]}",)
+    changes = [(second.z[k] != first.z[[4, 4, 7, 1, 2][(k - 1) % 5]]).sum().item() for k in range(1, 28)]
     assert sum(changes) / len(changes) < 3
+    mixed = run(seed=1, fresh=4)
+    first = mixed.open_round()
+    mixed.tell("pick", [0, 1, 2, 3, 4])
+    second = mixed.open_round()
+    fresh = zip(second.parent_ids[-4:], second.seeds[-4:], strict=True)
+    assert all(parents == () and seed > 0 for parents, seed in fresh)
+    again = torch.randn(D, generator=torch.Generator().manual_seed(second.seeds[-1]))
+    assert torch.equal(second.z[-1], again)  # a fresh draw, regenerable from its seed
+    assert all(len(parents) == 1 for parents in second.parent_ids[1:-4])
+
+
+def test_class_mutation_options_change_the_vector_as_named() -> None:
+    for mode in ("coordinates", "row"):
+        evolution = run(seed=8, adapt_mutation_rate=False, mutation_rate=1.0, class_mutation=mode)
+        first = evolution.open_round()
+        evolution.tell("pick", [0, 1, 2, 3, 4])
+        second = evolution.open_round()
+        rows = evolution.class_rows
+        assert rows is not None and first.class_vectors is not None and second.class_vectors is not None
+        whole_rows = 0
+        for k in range(6, 28):
+            vector = second.class_vectors[k]
+            assert (vector[None] == rows).any(0).all()  # every coordinate from some row
+            whole_rows += int((vector[None] == rows).all(1).any())
+        assert whole_rows == 22 if mode == "row" else whole_rows < 22  # "coordinates" mixes rows
+    with pytest.raises(ValueError, match="class_mutation"):
+        EvolutionConfig(class_mutation="some")  # type: ignore[arg-type]
 
 
 def test_a_step_size_sets_the_mutation_rate_and_adaptation_follows_the_picks() -> None:
     evolution = run(seed=2)
-    evolution.open_round()
+    first = evolution.open_round()
     evolution.tell("pick", [0, 1, 2, 3, 4], step_size=0.5)
     assert evolution.rate == 0.5
     second = evolution.open_round()
-    changed = [(second.z[k] != evolution.stack[0].z[(k - 1) % 5]).float().mean().item() for k in range(1, 28)]
+    changed = [(second.z[k] != first.z[(k - 6) % 5]).float().mean().item() for k in range(6, 28)]
     assert 0.2 < sum(changed) / len(changed) < 0.8
-    rates = second.rates[[1, 2, 3, 4, 5]]
-    evolution.tell("pick", [1, 2, 3, 4, 5])
+    rates = second.rates[[6, 7, 8, 9, 10]]  # offspring: each drew its own rate around 0.5
+    assert not torch.allclose(rates, torch.full((5,), 0.5))
+    evolution.tell("pick", [6, 7, 8, 9, 10])
     assert evolution.rate == pytest.approx(float(torch.exp(torch.log(rates).mean())))  # the picks' rates survive
 
 

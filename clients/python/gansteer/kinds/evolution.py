@@ -16,12 +16,12 @@ from gansteer.v1 import optimization_pb2
 
 class EvolutionOptions(JobOptions, total=False):
     """The settings of an interactive evolution (optimization.proto, InteractiveEvolutionSpec) besides its generator.
-    Every one is optional; an unset one takes the server's default (the seed's: 5 picks of 28 images, mutation rate
-    1/d, self-adapted)."""
+    Every one is optional; an unset one takes the server's default (the seed's 5 picks of 28 images; the picks shown
+    again beside their recombination and offspring; mutation rate 0.1, self-adapted)."""
 
     mu: int  # picks per round (5)
     offspring: int  # lambda: each round shows 1 + offspring images (27)
-    mutation_rate: float  # the step size: probability of resampling each latent coordinate (0: 1/d)
+    mutation_rate: float  # the step size: probability of resampling each latent coordinate (0: the server's, 0.1)
     rounds: int  # picks answered before the job ends on its own (0: until cancelled)
     conditioned_class: ClassSpec  # hold this class (id or name) fixed; unset: evolve the class vector too
     seed: int

@@ -1,5 +1,10 @@
 """The human loops: interactive evolution (HEVOL, seed 003)."""
 
-from gansteer_server.algorithms.interactive.evolution import EvolutionConfig, EvolutionRun, Generation
+from gansteer_server.algorithms.interactive.evolution import (
+    DEFAULT_MUTATION_RATE,
+    EvolutionConfig,
+    EvolutionRun,
+    Generation,
+)
 
-__all__ = ["EvolutionConfig", "EvolutionRun", "Generation"]
+__all__ = ["DEFAULT_MUTATION_RATE", "EvolutionConfig", "EvolutionRun", "Generation"]

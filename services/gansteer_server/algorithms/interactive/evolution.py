@@ -5,22 +5,34 @@ Each round shows 1 + lambda images; the person picks the mu best, the same image
 "we could get better performance and convenience if we allowed the user to select the same image several times").
 The next round shows
 
-- the recombination of the picks (the `mu/mu` of the strategy): their mean, each pick weighing as often as it was
-  picked; the mean of mu prior draws has a norm about sqrt(mu) times too small, off the shell where a GAN's latents
-  live, so the mean latent is scaled back to the picks' mean norm (the seed does not say how it averages);
-- lambda offspring, offspring i a copy of pick i mod mu (Algorithm 1's `mu divides i - j`), each latent coordinate
-  resampled from the prior with probability `mutation_rate` (1/d by default), again until at least one was.
+- the recombination of the picks (the `mu/mu` of the strategy, Algorithm 1's z_(lambda+1) := z^): their mean, each
+  pick weighing as often as it was picked; the mean of mu prior draws has a norm about sqrt(mu) times too small, off
+  the shell where a GAN's latents live, so the mean latent is scaled back to the picks' mean norm (the seed does not
+  say how it averages);
+- the picks themselves, distinct, unchanged (`keep_picks`: the `+` of (mu/mu + lambda), Algorithm 1's unmutated
+  copies z_1..z_mu, which compete with their offspring). The seed's study fits this: 1 + lambda = 28 shown with
+  mu = 5, its random search shown 23 new images a round (28 - 5), and "about 140 images" in six rounds (28 + 5 x 23);
+- offspring filling the other places, offspring i a copy of pick i mod mu (Algorithm 1's `mu divides i - j`), each
+  latent coordinate resampled from the prior with probability `mutation_rate`, again until at least one was.
 
-The seed's HEVOL updates the mutation rates automatically; here each offspring draws its own rate, the current one
-times 2^u with u uniform in [-2, 2], and the next rate is the geometric mean of the picks' rates (self-adaptation:
-rates that bred picked images survive). A person may also set the rate (the step size) with an answer.
+Algorithm 1 states the rate 1/d; the study's HEVOL does not state its rate, only that it updates the mutation rates
+automatically. Here each offspring draws its own rate, the current one times 2^u with u uniform in [-2, 2], and the
+next rate is the geometric mean of the picks' rates (self-adaptation: rates that bred picked images survive). The
+starting rate, DEFAULT_MUTATION_RATE, was chosen by measurement (bench/interactive_tune.py, on targets apart from
+the benchmark's): 1/d changes one or two of 128 coordinates per offspring and six rounds barely leave the first
+round's picks. A person may also set the rate (the step size) with an answer.
 
 Besides picking, an answer may say that none is good (the round is drawn again: fresh offspring of the same picks,
 or fresh prior draws in the first round) or undo (the previous round is shown again and its picks forgotten).
 
 A class-conditional generator's class is either held fixed (one id for every image) or evolved with z: the genome is
-z and a class vector, first rounds start from random classes' embedding rows, recombination averages the vectors,
-and a mutated vector coordinate is taken from a random class row (so vectors stay in the rows' span per coordinate).
+z and a class vector, first rounds start from random classes' embedding rows and recombination averages the picks'
+vectors. By default (`class_mutation="none"`) mutation leaves an offspring's vector as its parent's: a vector made
+of coordinates of several rows (`"coordinates"`) or swapped for a random row (`"row"`) measured worse, and the seed
+found class vectors held at a class's values "more stable and visually more pleasant" (Table IV a).
+
+`fresh` prior draws may replace offspring in each bred round (the foreign individuals of Deep Interactive Evolution,
+the seed's reference [3]); 0 by default, as measured.
 
 Pure torch, no I/O: the job kind renders nothing here; items carry latents and seeds from which the images are
 regenerated on demand. The state is tensors and plain values, and the generator's RNG state travels with it, so a
@@ -38,6 +50,9 @@ import torch
 from torch import Tensor
 
 Action = Literal["pick", "none_good", "undo"]
+ClassMutation = Literal["none", "coordinates", "row"]
+#: The starting mutation rate when a config gives 0, chosen by measurement (see the module's docstring).
+DEFAULT_MUTATION_RATE = 0.1
 #: Self-adaptation: offspring rates are the current rate times 2^u, u ~ U[-ADAPT_OCTAVES, ADAPT_OCTAVES].
 ADAPT_OCTAVES = 2.0
 
@@ -48,10 +63,13 @@ class EvolutionConfig:
 
     mu: int = 5
     offspring: int = 27  # lambda
-    mutation_rate: float = 0.0  # probability of resampling each coordinate; 0: 1/d (Algorithm 1)
+    mutation_rate: float = 0.0  # probability of resampling each coordinate; 0: DEFAULT_MUTATION_RATE
     rounds: int = 0  # picks answered before the run is done; 0: never done on its own
     adapt_mutation_rate: bool = True
     seed: int = 0
+    keep_picks: bool = True  # show the picks again, unchanged, in the round they breed (the plus selection)
+    fresh: int = 0  # prior draws in each bred round, in place of offspring
+    class_mutation: ClassMutation = "none"  # "coordinates": each from a random row; "row": the whole vector
 
     def __post_init__(self) -> None:
         if self.mu < 1 or self.offspring < 1:
@@ -62,6 +80,10 @@ class EvolutionConfig:
             raise ValueError(f"mutation_rate must lie in [0, 1], got {self.mutation_rate}")
         if self.rounds < 0:
             raise ValueError(f"rounds must be >= 0, got {self.rounds}")
+        if not 0 <= self.fresh <= self.offspring:
+            raise ValueError(f"fresh must lie in [0, offspring = {self.offspring}], got {self.fresh}")
+        if self.class_mutation not in ("none", "coordinates", "row"):
+            raise ValueError(f"class_mutation must be none, coordinates or row, got {self.class_mutation!r}")
 
     @property
     def shown(self) -> int:
@@ -93,7 +115,7 @@ class EvolutionRun:
         self.config = config
         self.z_size = z_size
         self.class_rows = class_rows
-        self.rate = config.mutation_rate or 1.0 / z_size
+        self.rate = config.mutation_rate or DEFAULT_MUTATION_RATE
         self.generator = torch.Generator().manual_seed(config.seed)
         self.stack: list[Generation] = []
         self.opened = 0  # rounds numbered so far
@@ -157,15 +179,20 @@ class EvolutionRun:
         self.opened += 1
         return self.opened
 
-    def _prior_round(self) -> Generation:
-        """1 + lambda prior draws, each from its own seed (regenerable from it alone); random class rows."""
-        number, n = self._number(), self.config.shown
+    def _draws(self, n: int) -> tuple[tuple[int, ...], Tensor, Tensor | None]:
+        """n prior draws, each from its own seed (regenerable from it alone), with random class rows."""
         seeds = tuple(int(s) for s in torch.randint(1, 2**62, (n,), generator=self.generator))
         z = torch.stack([torch.randn(self.z_size, generator=torch.Generator().manual_seed(s)) for s in seeds])
         vectors = None
         if self.class_rows is not None:
             classes = torch.randint(len(self.class_rows), (n,), generator=self.generator)
             vectors = self.class_rows[classes].clone()
+        return seeds, z, vectors
+
+    def _prior_round(self) -> Generation:
+        """1 + lambda prior draws, each from its own seed (regenerable from it alone); random class rows."""
+        number, n = self._number(), self.config.shown
+        seeds, z, vectors = self._draws(n)
         return Generation(
             number=number,
             item_ids=tuple(f"r{number}-{i}" for i in range(n)),
@@ -186,7 +213,8 @@ class EvolutionRun:
             self.opened = opened
 
     def _bred(self, parents: Generation, picks: tuple[int, ...]) -> Generation:
-        """The next round from `picks` of `parents`: their recombination, then lambda mutated copies of the picks."""
+        """The next round from `picks` of `parents`: their recombination, the distinct picks again (unchanged) when
+        `keep_picks`, then mutated copies of the picks, in turn, filling the round's 1 + lambda places."""
         number, lam = self._number(), self.config.offspring
         ids = [f"r{number}-{i}" for i in range(1 + lam)]
         index = torch.tensor(picks)
@@ -196,10 +224,21 @@ class EvolutionRun:
         z_rows = [mean * (target_norm / mean.norm().clamp_min(1e-12))]
         vectors = parents.class_vectors
         v_rows = [] if vectors is None else [vectors[index].mean(0)]
-        picked_ids = tuple(dict.fromkeys(parents.item_ids[i] for i in picks))
+        distinct = list(dict.fromkeys(picks))
+        picked_ids = tuple(parents.item_ids[i] for i in distinct)
         lineage: list[tuple[str, ...]] = [picked_ids]
         rates = [self.rate]
-        for k in range(lam):
+        seeds = [0]
+        kept = distinct[:lam] if self.config.keep_picks else []
+        for source in kept:
+            z_rows.append(parents.z[source])
+            if vectors is not None:
+                v_rows.append(vectors[source])
+            lineage.append((parents.item_ids[source],))
+            rates.append(float(parents.rates[source]))
+            seeds.append(parents.seeds[source])
+        fresh = min(self.config.fresh, lam - len(kept))
+        for k in range(lam - len(kept) - fresh):
             source = picks[k % len(picks)]
             rate = self._offspring_rate()
             z_rows.append(self._mutate_z(parents.z[source], rate))
@@ -207,12 +246,21 @@ class EvolutionRun:
                 v_rows.append(self._mutate_vector(vectors[source], rate))
             lineage.append((parents.item_ids[source],))
             rates.append(rate)
+            seeds.append(0)
+        if fresh:
+            draws = self._draws(fresh)
+            z_rows.extend(draws[1])
+            if vectors is not None and draws[2] is not None:
+                v_rows.extend(draws[2])
+            lineage.extend([()] * fresh)
+            rates.extend([self.rate] * fresh)
+            seeds.extend(draws[0])
         return Generation(
             number=number,
             item_ids=tuple(ids),
             z=torch.stack(z_rows),
             class_vectors=torch.stack(v_rows) if v_rows else None,
-            seeds=(0,) * (1 + lam),
+            seeds=tuple(seeds),
             parent_ids=tuple(lineage),
             rates=torch.tensor(rates),
             picks_before=picks,
@@ -238,6 +286,12 @@ class EvolutionRun:
     def _mutate_vector(self, vector: Tensor, rate: float) -> Tensor:
         assert self.class_rows is not None
         rows = self.class_rows
+        if self.config.class_mutation == "none":
+            return vector
+        if self.config.class_mutation == "row":
+            if float(torch.rand((), generator=self.generator)) < rate:
+                return rows[int(torch.randint(len(rows), (), generator=self.generator))].clone()
+            return vector
         mask = torch.rand(len(vector), generator=self.generator) < rate
         donors = torch.randint(len(rows), (len(vector),), generator=self.generator)
         return torch.where(mask, rows[donors, torch.arange(len(vector))], vector)

@@ -22,7 +22,7 @@ import torch
 from google.protobuf.message import Message
 from torch import Tensor
 
-from gansteer_server.algorithms.interactive import EvolutionConfig, EvolutionRun
+from gansteer_server.algorithms.interactive import DEFAULT_MUTATION_RATE, EvolutionConfig, EvolutionRun
 from gansteer_server.jobs.backends import GeneratorModel, ModelBackend
 from gansteer_server.jobs.kinds import JobKind, JobRun, StepProgress, SubmitContext, register_kind
 from gansteer_server.jobs.rounds import Answer, Round, RoundItem
@@ -60,7 +60,7 @@ class InteractiveEvolutionJob(JobKind):
     defaults: ClassVar[Mapping[str, Any]] = {
         "mu": EvolutionConfig.mu,
         "offspring": EvolutionConfig.offspring,
-        "mutation_rate": "1 / latent size",
+        "mutation_rate": DEFAULT_MUTATION_RATE,
         "rounds": "0: until cancelled",
         "condition": "evolve the class vector (class-conditional generators)",
         "seed": 0,
@@ -84,7 +84,8 @@ class InteractiveEvolutionJob(JobKind):
             )
         rate = message.mutation_rate
         if not (math.isfinite(rate) and 0 <= rate <= 1):
-            raise invalid_argument(f"{FIELD}.mutation_rate", f"must lie in [0, 1] (0: 1/{z_size}), got {rate}")
+            message_text = f"must lie in [0, 1] (0: {DEFAULT_MUTATION_RATE}, self-adapted), got {rate}"
+            raise invalid_argument(f"{FIELD}.mutation_rate", message_text)
         if not 0 <= message.rounds <= context.settings.max_budget:
             raise invalid_argument(
                 f"{FIELD}.rounds", f"must be 0 (until cancelled) to {context.settings.max_budget}, got {message.rounds}"
