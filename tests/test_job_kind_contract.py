@@ -158,7 +158,47 @@ def _am_no_diversity_space(spec: S.JobSpec) -> None:
     spec.embedding_am.diversity_space = S.DIVERSITY_SPACE_UNSPECIFIED
 
 
+def _nes_spec() -> S.JobSpec:
+    """Two rounds of human NES on the tiny generator: 3 latents x 2 pairs, a basis of 32 scenes renders (q = 8)."""
+    spec = S.HumanNESSpec(
+        generator=common_pb2.ModelRef(name=GEN),
+        basis_scenes=32,
+        basis_components=8,
+        images=3,
+        pairs_per_image=2,
+        rounds=2,
+        register_as="tiny-gen-nes",
+        seed=3,
+    )
+    return S.JobSpec(human_nes=spec)
+
+
+def _nes_q_past_rank(spec: S.JobSpec) -> None:
+    spec.human_nes.basis_components = 32  # 32 images span at most 31 directions
+
+
+def _nes_bad_sigma(spec: S.JobSpec) -> None:
+    spec.human_nes.sigma = 0.0
+
+
+def _nes_bad_pairs(spec: S.JobSpec) -> None:
+    spec.human_nes.pairs_per_image = -1
+
+
+def _nes_too_few_basis_images(spec: S.JobSpec) -> None:
+    spec.human_nes.basis_images.extend(common_pb2.Image(png=b"") for _ in range(3))
+
+
 CASES: dict[str, Case] = {
+    "human_nes": Case(
+        spec=_nes_spec,
+        bad=[
+            (_nes_q_past_rank, "spec.human_nes.basis_components"),
+            (_nes_bad_sigma, "spec.human_nes.sigma"),
+            (_nes_bad_pairs, "spec.human_nes.pairs_per_image"),
+            (_nes_too_few_basis_images, "spec.human_nes.basis_images"),
+        ],
+    ),
     "embedding_am": Case(
         spec=_am_spec,
         bad=[
