@@ -38,6 +38,7 @@ from gansteer_server.jobs.kinds import CPU_QUEUE, JobKind, StepProgress, SubmitC
 from gansteer_server.jobs.rounds import Answer, Round, RoundItem
 from gansteer_server.jobs.settings import JobSettings
 from gansteer_server.models import ModelRegistry
+from gansteer_server.models.architectures import build_architecture
 from gansteer_server.models.architectures.scenes import ScenesClassifier, ScenesDiscriminator, ScenesGenerator
 from gansteer_server.proto import optimization_pb2 as opt
 from gansteer_server.servers.optimization import RunningOptimizationService, start_optimization_server
@@ -46,6 +47,7 @@ from gansteer_server.wire.convert import float_tensor
 OptimizationStub = optimization_pb2_grpc.OptimizationServiceStub
 REDIS_URL = os.environ.get("GANSTEER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 GEN, DISC, CLF = "tiny-gen", "tiny-disc", "tiny-clf"
+PIR, PIR_BINS = "tiny-pir", 10
 LATENT, EMBEDDING, CLASSES, RESOLUTION = 16, 8, 4, 32
 TESTS = Path(__file__).resolve().parent
 
@@ -80,7 +82,21 @@ def build_registry(root: Path) -> ModelRegistry:
             card |= {"latent_size": LATENT, "embedding_size": EMBEDDING, "extra": {"discriminator": DISC}}
         weights = save({k: v.contiguous() for k, v in module.state_dict().items()})
         registry.register(name, card, {"weights.safetensors": weights})
+    _register_pir_estimators(registry, images, clf_kwargs)
     return registry
+
+
+def _register_pir_estimators(registry: ModelRegistry, images: dict[str, Any], clf_kwargs: dict[str, Any]) -> None:
+    """tiny-pir (10 bins on tiny-clf's architecture) and its check estimator tiny-pir-check, as a pir_estimator job
+    registers them, for pir_tuning jobs."""
+    kwargs = {"backbone": "scenes_classifier", "backbone_kwargs": clf_kwargs, "bins": PIR_BINS}
+    for name, extra in ((f"{PIR}-check", {}), (PIR, {"check_estimator": f"{PIR}-check@1"})):
+        module = build_architecture("pir_estimator", **kwargs).eval()
+        card = {"kind": "pir_estimator", "format": "safetensors", "weights": "weights.safetensors"}
+        card |= {"architecture": "pir_estimator", "architecture_kwargs": kwargs, **images}
+        card["extra"] = extra | {"temperature": 0.01, "dataset": "tiny"}
+        weights = save({k: v.contiguous() for k, v in module.state_dict().items()})
+        registry.register(name, card, {"weights.safetensors": weights})
 
 
 def target_png(seed: int, size: int = RESOLUTION) -> bytes:

@@ -17,10 +17,12 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from google.protobuf import struct_pb2
 from job_fixtures import (
     CLASSES,
     CLF,
     GEN,
+    PIR,
     ROUNDS,
     JobStack,
     OptimizationStub,
@@ -31,7 +33,7 @@ from job_fixtures import (
 )
 
 from gansteer.tensors import from_tensor_proto
-from gansteer.v1 import common_pb2
+from gansteer.v1 import common_pb2, scoring_pb2
 from gansteer.v1 import optimization_pb2 as S
 from gansteer_server.jobs.backends import Backends
 from gansteer_server.jobs.celery_app import create_store
@@ -189,6 +191,67 @@ def _nes_too_few_basis_images(spec: S.JobSpec) -> None:
     spec.human_nes.basis_images.extend(common_pb2.Image(png=b"") for _ in range(3))
 
 
+def struct(values: dict[str, Any]) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    message.update(values)
+    return message
+
+
+def _pir_estimator_spec() -> S.JobSpec:
+    """Simulated interactions on 60 tiny-gen images (a colour objective), two 10-bin estimators for 8 epochs."""
+    simulate = S.SimulatedImpressions(
+        generator=common_pb2.ModelRef(name=GEN),
+        objective=scoring_pb2.OutputRequest(output="colour_single", params=struct({"colour": "blue"})),
+        images=60,
+        impressions=200,
+        seed=5,
+    )
+    spec = S.PIREstimatorSpec(
+        dataset="contract-pir", simulate=simulate, backbone=common_pb2.ModelRef(name=CLF), bins=10, epochs=8
+    )
+    return S.JobSpec(pir_estimator=spec)
+
+
+def _pir_too_few_images(spec: S.JobSpec) -> None:
+    spec.pir_estimator.simulate.images = 15  # 7 images per half for 10 bins
+
+
+def _pir_unknown_objective(spec: S.JobSpec) -> None:
+    spec.pir_estimator.simulate.objective.output = "no_such_output"
+
+
+def _pir_estimator_unknown_dataset(spec: S.JobSpec) -> None:
+    spec.pir_estimator.ClearField("simulate")
+    spec.pir_estimator.dataset = "no-such-table"
+
+
+def _pir_tuning_spec() -> S.JobSpec:
+    spec = S.PIRTuningSpec(
+        generator=common_pb2.ModelRef(name=GEN),
+        pir_estimator=common_pb2.ModelRef(name=PIR),
+        steps=6,
+        batch_size=4,
+        check_every=2,
+        eval_images=8,
+        register_as="tiny-gen-pir",
+        objective=scoring_pb2.OutputRequest(output="colour_single", params=struct({"colour": "red"})),
+        seed=2,
+    )
+    return S.JobSpec(pir_tuning=spec)
+
+
+def _pir_negative_weight(spec: S.JobSpec) -> None:
+    spec.pir_tuning.pir_weight = -1.0
+
+
+def _pir_estimator_is_a_classifier(spec: S.JobSpec) -> None:
+    spec.pir_tuning.pir_estimator.name = CLF
+
+
+def _pir_check_is_the_estimator(spec: S.JobSpec) -> None:
+    spec.pir_tuning.check_estimator.name = PIR
+
+
 CASES: dict[str, Case] = {
     "human_nes": Case(
         spec=_nes_spec,
@@ -234,6 +297,22 @@ CASES: dict[str, Case] = {
             (_search_bad_sigma, "spec.latent_search.optimizer.options.sigma"),
             (_search_bad_population, "spec.latent_search.optimizer.population_size"),
             (_search_bad_mutation, "spec.latent_search.optimizer.options.mutation"),
+        ],
+    ),
+    "pir_estimator": Case(
+        spec=_pir_estimator_spec,
+        bad=[
+            (_pir_too_few_images, "spec.pir_estimator.simulate.images"),
+            (_pir_unknown_objective, "spec.pir_estimator.simulate.objective.output"),
+            (_pir_estimator_unknown_dataset, "spec.pir_estimator.dataset"),
+        ],
+    ),
+    "pir_tuning": Case(
+        spec=_pir_tuning_spec,
+        bad=[
+            (_pir_negative_weight, "spec.pir_tuning.pir_weight"),
+            (_pir_estimator_is_a_classifier, "spec.pir_tuning.pir_estimator"),
+            (_pir_check_is_the_estimator, "spec.pir_tuning.check_estimator"),
         ],
     ),
     "test_sleep": Case(spec=lambda: SleepSpec(steps=12, sleep_s=0.0)),

@@ -50,7 +50,7 @@ from kombu.exceptions import OperationalError
 from gansteer.tensors import from_tensor_proto
 from gansteer_server.jobs.backends import Backends
 from gansteer_server.jobs.kinds import JobKind, JobRun, StepProgress, get_kind
-from gansteer_server.jobs.kinds.base import PublishingRun, RoundRun
+from gansteer_server.jobs.kinds.base import BoundRun, PublishingRun, RoundRun
 from gansteer_server.jobs.metrics import WorkerMetrics
 from gansteer_server.jobs.records import ClaimOutcome, JobRecord, JobState, LeaseLost, state_event
 from gansteer_server.jobs.round_store import RoundStore
@@ -178,6 +178,8 @@ class _Segment:
     def _start(self, kind: JobKind, spec: object) -> JobRun:
         backend = self.context.backends.get(kind.backend_name(spec, self.settings))
         job_run = kind.start(spec, backend, self.settings)
+        if hasattr(job_run, "bind"):  # a run that writes under its job's name (simulated interactions' provenance)
+            cast(BoundRun, job_run).bind(self.job_id)
         checkpoint = self.store.load_checkpoint(self.job_id)
         if checkpoint is not None:
             job_run.load_state_dict(torch.load(io.BytesIO(checkpoint), map_location="cpu", weights_only=True))

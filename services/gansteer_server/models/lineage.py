@@ -94,3 +94,18 @@ def code_version() -> str:
 
 def _with_code_version(lineage: Lineage) -> Lineage:
     return Lineage(**(asdict(lineage) | {"code_version": code_version()}))
+
+
+def register_trained(
+    registry: ModelRegistry, name: str, card: dict[str, Any], module: nn.Module, lineage: Lineage
+) -> ModelEntry:
+    """Register a model a job trained from scratch or from a backbone (a PIR estimator) as the next version of
+    `name`, its lineage in `extra.lineage` (`base`: the backbone). Idempotent by job, as `register_derived` is."""
+    existing = _registered_by(registry, name, lineage.job_id)
+    if existing is not None:
+        return existing
+    stamped = lineage if lineage.code_version else _with_code_version(lineage)
+    fields = dict(card) | {"name": name, "format": "safetensors", "weights": "weights.safetensors"}
+    fields["extra"] = dict(card.get("extra") or {}) | {"lineage": asdict(stamped)}
+    state = {key: value.detach().cpu().contiguous() for key, value in module.state_dict().items()}
+    return registry.register(name, fields, {"weights.safetensors": safetensors.torch.save(state)})

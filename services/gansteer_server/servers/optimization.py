@@ -26,6 +26,7 @@ from gansteer.tensors import from_tensor_proto
 from gansteer_server.algorithms.search import optimizer_catalog
 from gansteer_server.config import Settings
 from gansteer_server.jobs.celery_app import Jobs, probe_redis
+from gansteer_server.jobs.impressions import DATASET, ImpressionStore, check_records
 from gansteer_server.jobs.kinds import SubmitContext, get_kind, kind_names
 from gansteer_server.jobs.metrics import JobMetrics
 from gansteer_server.jobs.records import JobRecord, JobState
@@ -63,6 +64,7 @@ class OptimizationServicer(optimization_pb2_grpc.OptimizationServiceServicer):
         self.jobs, self.store, self.settings = jobs, jobs.store, jobs.settings
         self.context = SubmitContext(jobs.settings, catalog)
         self.rounds = RoundStore(self.store)
+        self.impressions = ImpressionStore(self.store.client, self.store.prefix)
 
     # --- helpers ----------------------------------------------------------------------------------------------
 
@@ -302,6 +304,32 @@ class OptimizationServicer(optimization_pb2_grpc.OptimizationServiceServicer):
     ) -> opt.ListInteractionsResponse:
         record, _ = self._record(request.job_id, context)
         return opt.ListInteractionsResponse(interactions=self.rounds.interactions(record.id))
+
+    def ReportImpressions(
+        self, request: opt.ReportImpressionsRequest, context: grpc.ServicerContext
+    ) -> opt.ReportImpressionsResponse:
+        if len(request.idempotency_key) > 256:
+            raise invalid_argument("idempotency_key", "at most 256 characters")
+        dataset, records = check_records(
+            request.records, self.context.model, self._owner(context) or "anonymous", "api"
+        )
+        recorded, total, duplicate = self.impressions.append(dataset, records, request.idempotency_key)
+        return opt.ReportImpressionsResponse(recorded=recorded, total=total, duplicate=duplicate)
+
+    def ListImpressions(
+        self, request: opt.ListImpressionsRequest, context: grpc.ServicerContext
+    ) -> opt.ListImpressionsResponse:
+        if not DATASET.fullmatch(request.dataset):
+            raise invalid_argument("dataset", f"{request.dataset!r} is not 1-64 letters, digits, '-', '_', '.'")
+        if request.offset < 0:
+            raise invalid_argument("offset", f"must be >= 0, got {request.offset}")
+        if not 0 <= request.page_size <= 10_000:
+            raise invalid_argument("page_size", f"must lie in [0, 10000], got {request.page_size}")
+        total = self.impressions.count(request.dataset)
+        if total == 0:
+            raise not_found("dataset", f"no impressions table {request.dataset!r}", "UNKNOWN_DATASET")
+        records = self.impressions.read(request.dataset, int(request.offset), request.page_size or 1000)
+        return opt.ListImpressionsResponse(records=records, total=total)
 
     def ListJobKinds(self, request: opt.ListJobKindsRequest, context: grpc.ServicerContext) -> opt.ListJobKindsResponse:
         return opt.ListJobKindsResponse(kinds=[get_kind(name).info() for name in kind_names()])

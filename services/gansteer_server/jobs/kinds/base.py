@@ -158,6 +158,13 @@ class PublishingRun(JobRun, Protocol):
     def publish(self, job_id: str) -> list[common_pb2.ModelRef]: ...
 
 
+class BoundRun(JobRun, Protocol):
+    """The run of a kind that writes records under its job's id (a PIR estimator job's simulated interactions): the
+    runner calls `bind(job_id)` right after `start`, before a checkpoint is loaded."""
+
+    def bind(self, job_id: str) -> None: ...
+
+
 class RoundRun(JobRun, Protocol):
     """The run of a kind with rounds: it also takes the answers of the round its last step opened."""
 
