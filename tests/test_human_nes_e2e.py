@@ -20,11 +20,12 @@ from gansteer_server.models import ModelRegistry
 from gansteer_server.servers.app import start_generation_server, start_scoring_server
 
 pytestmark = [pytest.mark.service, pytest.mark.job, pytest.mark.slow]
+Services = tuple[Client, JobStack, list[str]]  # the client, the job stack, the three services' addresses
 SMALL = {"images": 3, "pairs_per_image": 4, "basis_scenes": 40, "basis_components": 12}
 
 
 @pytest.fixture(scope="module")
-def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Client, JobStack]]:
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     stack = JobStack(tmp_path_factory.mktemp("human-nes"))
     settings = make_settings(stack.registry_root)
     generation = start_generation_server(settings, port=0, metrics_port=0)
@@ -35,7 +36,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Client,
         with Client(
             optimization.address, generation_target=generation.address, scoring_target=scoring.address, timeout=60
         ) as connected:
-            yield connected, stack
+            yield connected, stack, [optimization.address, generation.address, scoring.address]
     finally:
         stack.close()
         generation.stop(grace=None)
@@ -49,8 +50,8 @@ def next_round(job: object, after: str = "") -> Round:
     raise AssertionError(f"job ended without another round: {job.status()}")  # type: ignore[attr-defined]
 
 
-def test_two_raters_tune_the_generator_and_the_new_version_is_served(services: tuple[Client, JobStack]) -> None:
-    client, stack = services
+def test_two_raters_tune_the_generator_and_the_new_version_is_served(services: Services) -> None:
+    client, stack, _ = services
     raters = [PairwisePerson(client, scorer=DISC, rater_id=f"sim-{i}", seed=i, position_bias=0.3) for i in range(2)]
     job = client.human_nes(
         model=GEN, rounds=2, raters_per_pair=2, learning_rate=1e-2, register_as="tiny-gen-nes", seed=4, **SMALL
@@ -101,8 +102,8 @@ def test_two_raters_tune_the_generator_and_the_new_version_is_served(services: t
     assert np.abs(tuned - before).mean() > 0.5  # the weights moved
 
 
-def test_an_answer_outside_the_scale_is_refused_naming_the_field(services: tuple[Client, JobStack]) -> None:
-    client, _ = services
+def test_an_answer_outside_the_scale_is_refused_naming_the_field(services: Services) -> None:
+    client, _, _ = services
     job = client.human_nes(model=GEN, rounds=1, seed=5, register_as="tiny-gen-nes-refused", **SMALL)
     round = next_round(job)
     with pytest.raises(InvalidArgument) as refused:
@@ -111,8 +112,8 @@ def test_an_answer_outside_the_scale_is_refused_naming_the_field(services: tuple
     job.cancel()
 
 
-def test_bad_specs_are_refused_naming_the_field(services: tuple[Client, JobStack], tmp_path: Path) -> None:
-    client, _ = services
+def test_bad_specs_are_refused_naming_the_field(services: Services, tmp_path: Path) -> None:
+    client, _, _ = services
     for index in range(3):
         (tmp_path / f"{index}.png").write_bytes(target_png(index))
     cases = [
@@ -130,3 +131,19 @@ def test_bad_specs_are_refused_naming_the_field(services: tuple[Client, JobStack
     with pytest.raises(InvalidArgument) as missing:
         client.human_nes(model=GEN, basis_folder=tmp_path / "absent")
     assert missing.value.field == "basis_folder"
+
+
+def test_the_cli_tunes_with_a_simulated_person(services: Services, tmp_path: Path) -> None:
+    import json
+
+    from gansteer.cli import main
+
+    optimization, generation, scoring = services[2]
+    connection = ["--target", optimization, "--generation-target", generation, "--scoring-target", scoring, "-q"]
+    nes = ["nes", "--model", GEN, "--images", "2", "--pairs", "3", "--rounds", "2", "--register-as", "tiny-gen-cli"]
+    out = tmp_path / "out"
+    code = main([*connection, "--json", *nes, "--q", "8", "--simulate", DISC, "--out", str(out)])
+    assert code == 0 and (out / "result.json").is_file()
+    models = services[0].models("generator")
+    assert "tiny-gen-cli@1" in [m.ref for m in models]
+    assert json.loads((out / "result.json").read_text())["generator"] == f"{GEN}@1"

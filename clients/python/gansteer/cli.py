@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import secrets
 import signal
@@ -35,6 +36,7 @@ from gansteer.images import image_grid, save_inversion
 from gansteer.job import Job
 from gansteer.kinds.embedding_am import INITS, EmbeddingAMOptions, EmbeddingAMResult
 from gansteer.kinds.evolution import EvolutionOptions
+from gansteer.kinds.human_nes import HumanNESOptions
 from gansteer.kinds.inversion import DEFAULT_BUDGET, InversionOptions
 from gansteer.kinds.latent_search import DEFAULT_BUDGET as SEARCH_BUDGET
 from gansteer.kinds.latent_search import LatentSearchOptions
@@ -446,6 +448,88 @@ def cmd_evolve(args: argparse.Namespace) -> int:
         return EXIT_OK
 
 
+# `gansteer nes` options passed to `Client.human_nes` under the same name when given.
+_NES_OPTIONS = (
+    "basis",
+    "basis_folder",
+    "basis_components",
+    "sigma",
+    "images",
+    "pairs_per_image",
+    "rounds",
+    "raters_per_pair",
+    "answer_levels",
+    "learning_rate",
+    "register_as",
+    "seed",
+    "round_expiry_s",
+)
+
+
+def _terminal_pair_rater(out: Path) -> Callable[[Round], Answer]:
+    """A person at the terminal: each pair is saved side by side, the answer typed on the round's scale."""
+
+    def rater(round: Round) -> Answer:
+        images = round.images()
+        levels = round.answer_levels or 5
+        half = (levels - 1) / 2
+        scores: list[float] = []
+        for number, (left, right) in enumerate(round.pairs):
+            path = out / f"round-{round.round:03d}-pair-{number:04d}.png"
+            image_grid([[images[left], images[right]]], cell=128).save(path)
+            prompt = f"{path}: which looks better? -{half:g} (right) to {half:g} (left), 0 a tie: "
+            while True:
+                text = input(prompt).strip()
+                try:
+                    value = float(text)
+                except ValueError:
+                    value = math.nan
+                if math.isfinite(value) and abs(value) <= half:
+                    scores.append(value / half if half else value)
+                    break
+                print(f"give a number from -{half:g} to {half:g}", file=sys.stderr)
+        return Answer(pairwise=scores)
+
+    return rater
+
+
+def cmd_nes(args: argparse.Namespace) -> int:
+    from gansteer.simulate_pairwise import PairwisePerson
+
+    given = {name: getattr(args, name) for name in _NES_OPTIONS if getattr(args, name) is not None}
+    options = cast(HumanNESOptions, given)
+    if args.conditioned_class is not None:
+        cls = args.conditioned_class
+        options["conditioned_class"] = int(cls) if cls.isdigit() else cls
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with _client(args) as client:
+        job = client.human_nes(model=args.model, **options)
+        if _announced(args, job):
+            return EXIT_OK
+        if args.simulate is not None:
+            person = PairwisePerson(client, scorer=args.simulate, noise=args.noise, rater_id="gansteer-cli-simulated")
+            status = job.answer_rounds(person, rater_id=person.rater_id)
+        else:
+            status = job.answer_rounds(_terminal_pair_rater(out), rater_id=args.rater)
+        if status.state is not JobState.SUCCEEDED:
+            raise errors.JobFailed(status)
+        result = job.result(wait=False)
+        saved = result.save(out, spec=job.spec())
+        document = {
+            "job_id": job.id,
+            "models": result.models,
+            "metrics": result.metrics,
+            "images": saved.images,
+            "result": saved.path,
+            "answers": len(job.interactions()),
+        }
+        _emit(
+            args, document, lambda: "\n".join([f"job {job.id} succeeded: {', '.join(result.models)}", str(saved.path)])
+        )
+        return EXIT_OK
+
+
 # `gansteer search` options passed to `Client.latent_search` under the same name when given.
 _SEARCH_OPTIONS = (
     "optimizer",
@@ -724,6 +808,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="out/evolve", help="round grids, the final picks and result.json (default out/evolve)"
     )
     evolve.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+
+    nes = command("nes", "human NES: compare image pairs to tune a generator's weights (HumanGAN)", cmd_nes)
+    nes.add_argument("--model", default="scenes-gen", help="generator to tune (default scenes-gen)")
+    nes.add_argument("--basis", choices=("uneven", "even"), help="PCA basis of real images (default) or pixels")
+    nes.add_argument("--basis-folder", metavar="FOLDER", help="real images of the PCA basis (default: scenes renders)")
+    nes.add_argument("--q", dest="basis_components", type=int, help="principal components kept (default 100)")
+    nes.add_argument("--sigma", type=float, help="perturbation scale (default 0.5 uneven, 0.05 even)")
+    nes.add_argument("--images", type=int, help="N fixed latents per round (default 25)")
+    nes.add_argument("--pairs", dest="pairs_per_image", type=int, help="R pairs per latent per round (default 10)")
+    nes.add_argument("--rounds", type=int, help="rounds, one optimizer step each (default 1)")
+    nes.add_argument("--raters", dest="raters_per_pair", type=int, help="raters per round (default 1)")
+    nes.add_argument("--levels", dest="answer_levels", type=int, help="points of the answer scale (default 5)")
+    nes.add_argument("--learning-rate", type=float, help="Adam's (default 2e-5)")
+    nes.add_argument("--class", dest="conditioned_class", metavar="CLASS", help="every latent's class")
+    nes.add_argument("--register-as", help="name of the tuned version (default: the generator's)")
+    nes.add_argument("--seed", type=int)
+    nes.add_argument("--round-expiry-s", type=float)
+    nes.add_argument("--simulate", metavar="SCORER", help="let a simulated person judging with this scorer answer")
+    nes.add_argument("--noise", type=float, default=0.5, help="the simulated person's noise (default 0.5)")
+    nes.add_argument("--rater", default="", help="your rater name (the log keeps a pseudonym)")
+    nes.add_argument("--out", default="out/nes", help="the pairs shown, the tuned images and result.json")
+    nes.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
 
     invert = command("invert", "find latents whose images resemble the target images", cmd_invert)
     invert.add_argument("targets", nargs="+", metavar="TARGET", help="image files")
