@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import fields
 from typing import Any, Protocol, TypeVar
@@ -38,6 +39,14 @@ from gansteer.kinds.evolution import EVOLUTION, EvolutionOptions, evolution_spec
 from gansteer.kinds.human_nes import HUMAN_NES, HumanNESOptions, human_nes_spec
 from gansteer.kinds.inversion import INVERSION, InversionOptions, inversion_spec
 from gansteer.kinds.latent_search import LATENT_SEARCH, LatentSearchOptions, latent_search_spec
+from gansteer.kinds.pir import (
+    PIREstimatorOptions,
+    PIRTuningOptions,
+    impression_record,
+    impression_row,
+    pir_estimator_spec,
+    pir_tuning_spec,
+)
 from gansteer.saved import SavedInput, load_result
 from gansteer.types import (
     Answer,
@@ -200,6 +209,33 @@ class Core:
         named_class = _specs.needs_card(list(options.get("classes", ())))
         card = (yield from self.model(model)) if named_class else None
         return (yield from self.submit(latent_search_spec(model=model, card=card, **options)))
+
+    def pir_estimator(self, *, dataset: str, options: PIREstimatorOptions) -> Steps[tuple[str, str]]:
+        return (yield from self.submit(pir_estimator_spec(dataset=dataset, **options)))
+
+    def pir_tuning(self, *, model: str, estimator: str, options: PIRTuningOptions) -> Steps[tuple[str, str]]:
+        return (yield from self.submit(pir_tuning_spec(model=model, estimator=estimator, **options)))
+
+    def report_impressions(
+        self, dataset: str, records: Sequence[Mapping[str, Any]], *, idempotency_key: str | None
+    ) -> Steps[tuple[int, int, bool]]:
+        """(recorded, table size, duplicate). Retried on UNAVAILABLE with one idempotency key, so a retry whose first
+        attempt arrived records nothing twice."""
+        request = optimization_pb2.ReportImpressionsRequest(
+            records=[impression_record(dataset, row, i) for i, row in enumerate(records)],
+            idempotency_key=idempotency_key or uuid.uuid4().hex,
+        )
+        response = yield from self.unary(Call("optimization", "ReportImpressions", request), idempotent=True)
+        return int(response.recorded), int(response.total), bool(response.duplicate)
+
+    def impressions(self, dataset: str, *, page_size: int) -> Steps[list[dict[str, Any]]]:
+        rows: list[dict[str, Any]] = []
+        while True:
+            request = optimization_pb2.ListImpressionsRequest(dataset=dataset, offset=len(rows), page_size=page_size)
+            response = yield from self.unary(Call("optimization", "ListImpressions", request))
+            rows.extend(dict(impression_row(record)) for record in response.records)
+            if not response.records or len(rows) >= response.total:
+                return rows
 
     def embedding_am(self, *, model: str, options: EmbeddingAMOptions) -> Steps[tuple[str, str]]:
         EMBEDDING_AM.check(options)  # the server resolves class names itself: no card is fetched

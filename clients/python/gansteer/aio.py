@@ -38,6 +38,8 @@ from gansteer.kinds import (
     HumanNESOptions,
     InversionOptions,
     LatentSearchOptions,
+    PIREstimatorOptions,
+    PIRTuningOptions,
 )
 from gansteer.saved import SavedInput
 from gansteer.types import (
@@ -248,6 +250,26 @@ class AsyncClient:
         """Submits a latent search; the options are those of `Client.latent_search`."""
         job_id, kind = await self._run(self._core.latent_search(model=model, options=options))
         return AsyncJob(self, job_id, kind=kind)
+
+    async def pir_estimator(self, *, dataset: str, **options: Unpack[PIREstimatorOptions]) -> AsyncJob:
+        """Submits a PIR estimator job; the options are those of `Client.pir_estimator`."""
+        job_id, kind = await self._run(self._core.pir_estimator(dataset=dataset, options=options))
+        return AsyncJob(self, job_id, kind=kind)
+
+    async def pir_tuning(self, *, model: str, estimator: str, **options: Unpack[PIRTuningOptions]) -> AsyncJob:
+        """Submits a PIR tuning job; the options are those of `Client.pir_tuning`."""
+        job_id, kind = await self._run(self._core.pir_tuning(model=model, estimator=estimator, options=options))
+        return AsyncJob(self, job_id, kind=kind)
+
+    async def report_impressions(
+        self, dataset: str, records: Sequence[Mapping[str, Any]], *, idempotency_key: str | None = None
+    ) -> tuple[int, int, bool]:
+        """As `Client.report_impressions`."""
+        return await self._run(self._core.report_impressions(dataset, records, idempotency_key=idempotency_key))
+
+    async def impressions(self, dataset: str, *, page_size: int = 1000) -> list[dict[str, Any]]:
+        """As `Client.impressions`."""
+        return await self._run(self._core.impressions(dataset, page_size=page_size))
 
     async def embedding_am(self, *, model: str, **options: Unpack[EmbeddingAMOptions]) -> AsyncJob:
         """Submits an embedding activation maximisation; the options are those of `Client.embedding_am`."""

@@ -30,6 +30,8 @@ from gansteer.kinds import (
     HumanNESOptions,
     InversionOptions,
     LatentSearchOptions,
+    PIREstimatorOptions,
+    PIRTuningOptions,
 )
 from gansteer.saved import SavedInput
 from gansteer.types import (
@@ -308,6 +310,40 @@ class Client:
         """
         job_id, kind = self._run(self._core.latent_search(model=model, options=options))
         return Job(self, job_id, kind=kind)
+
+    def pir_estimator(self, *, dataset: str, **options: Unpack[PIREstimatorOptions]) -> Job:
+        """Submits a PIR estimator job (seed 000, appendix C.3) on impressions table `dataset`: a classifier backbone
+        (`backbone`, default scenes-clf-alt) with a `bins`-bin softmax head (100), Adam at 5e-4, trained on the two
+        disjoint halves of the table (the second estimator is the tuning guard's check; `single` trains one).
+        `simulate_generator` with `simulate_objective` ({"output": "colour_single", "params": {"colour": "red"}})
+        first collects simulated interactions (1000 images x 1000 impressions, binomial noise) into the table.
+        `init_estimator` continues from an earlier estimator (round 2). Registers `register_as` (pir-<dataset>) and
+        `<name>-check` as models of kind pir_estimator, served by the scoring service's `pir` output."""
+        job_id, kind = self._run(self._core.pir_estimator(dataset=dataset, options=options))
+        return Job(self, job_id, kind=kind)
+
+    def pir_tuning(self, *, model: str, estimator: str, **options: Unpack[PIRTuningOptions]) -> Job:
+        """Submits a PIR tuning job (seed 000, section 2.4): generator `model` keeps its GAN training against its
+        discriminator on real images (`real_data`: `scenes` or a folder) with `pir_weight` x E[R(G(z))] added for
+        `estimator` R; guarded by `anchor_weight` (pixel distance to the frozen generator) and early stopping on the
+        estimator's check estimator (`no_guards` turns both off). With `objective` the result judges before
+        against after (Welch's p, Cohen's d, 99.9% CI). The tuned generator is registered as a new version with
+        its lineage and served at once."""
+        job_id, kind = self._run(self._core.pir_tuning(model=model, estimator=estimator, options=options))
+        return Job(self, job_id, kind=kind)
+
+    def report_impressions(
+        self, dataset: str, records: Sequence[Mapping[str, Any]], *, idempotency_key: str | None = None
+    ) -> tuple[int, int, bool]:
+        """Appends shown images' counts to impressions table `dataset`: each record names `generator`
+        (name@version), `seed` or `latent`, `class_id`, `impressions`, `interactions`, and optionally `image_id`,
+        `cohort`, `time`. Returns (recorded, table size, duplicate). A bad record refuses all (InvalidArgument
+        naming `records[i].<field>`)."""
+        return self._run(self._core.report_impressions(dataset, records, idempotency_key=idempotency_key))
+
+    def impressions(self, dataset: str, *, page_size: int = 1000) -> list[dict[str, Any]]:
+        """Impressions table `dataset` as rows (dicts), in arrival order, with their provenance."""
+        return self._run(self._core.impressions(dataset, page_size=page_size))
 
     def embedding_am(self, *, model: str, **options: Unpack[EmbeddingAMOptions]) -> Job:
         """Submits an embedding activation maximisation (seed 001) on class-conditional generator `model`: learn

@@ -26,9 +26,22 @@ from gansteer.kinds.latent_search import (
     LatentSearchResult,
     latent_search_spec,
 )
+from gansteer.kinds.pir import (
+    PIR_ESTIMATOR,
+    PIR_TUNING,
+    PIREstimatorOptions,
+    PIREstimatorResult,
+    PIRTuningOptions,
+    PIRTuningResult,
+    pir_estimator_spec,
+    pir_tuning_spec,
+)
 from gansteer.types import JobResult
 
-KINDS: Mapping[str, Kind] = {kind.name: kind for kind in (INVERSION, EVOLUTION, LATENT_SEARCH, EMBEDDING_AM, HUMAN_NES)}
+KINDS: Mapping[str, Kind] = {
+    kind.name: kind
+    for kind in (INVERSION, EVOLUTION, LATENT_SEARCH, EMBEDDING_AM, HUMAN_NES, PIR_ESTIMATOR, PIR_TUNING)
+}
 
 
 def result_type(kind: str) -> type[JobResult]:
@@ -50,10 +63,16 @@ __all__ = [
     "Kind",
     "LatentSearchOptions",
     "LatentSearchResult",
+    "PIREstimatorOptions",
+    "PIREstimatorResult",
+    "PIRTuningOptions",
+    "PIRTuningResult",
     "embedding_am_spec",
     "evolution_spec",
     "human_nes_spec",
     "inversion_spec",
     "latent_search_spec",
+    "pir_estimator_spec",
+    "pir_tuning_spec",
     "result_type",
 ]
