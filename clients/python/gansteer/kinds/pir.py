@@ -61,8 +61,8 @@ class PIRTuningOptions(JobOptions, total=False):
     check_estimator: str  # default: the estimator card's
     real_data: str  # `scenes` or an absolute folder on the workers
     pir_weight: float  # 10
-    learning_rate: float  # 2e-4
-    steps: int  # 150
+    learning_rate: float  # 5e-5
+    steps: int  # 100
     batch_size: int  # 16
     anchor_weight: float  # 20
     check_every: int  # 25

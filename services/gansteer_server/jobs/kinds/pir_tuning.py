@@ -81,8 +81,8 @@ class PIRTuningJob(JobKind):
     defaults: ClassVar[Mapping[str, Any]] = {
         "real_data": "scenes",
         "pir_weight": 10.0,
-        "learning_rate": 2e-4,
-        "steps": 150,
+        "learning_rate": 5e-5,
+        "steps": 100,
         "batch_size": 16,
         "anchor_weight": 20.0,
         "check_every": 25,
@@ -128,12 +128,12 @@ class PIRTuningJob(JobKind):
         anchor_weight = message.anchor_weight if message.HasField("anchor_weight") else 20.0
         if not (math.isfinite(anchor_weight) and anchor_weight >= 0):
             raise invalid_argument(f"{FIELD}.anchor_weight", f"must be a finite number >= 0, got {anchor_weight}")
-        learning_rate = message.learning_rate or 2e-4
+        learning_rate = message.learning_rate or 5e-5
         if not (math.isfinite(learning_rate) and 0 < learning_rate <= 0.1):
             raise invalid_argument(f"{FIELD}.learning_rate", f"must lie in (0, 0.1], got {learning_rate}")
-        steps = message.steps or 150
+        steps = message.steps or 100
         if not 1 <= steps <= context.settings.max_budget:
-            raise invalid_argument(f"{FIELD}.steps", f"must be 0 (150) or 1 to {context.settings.max_budget}")
+            raise invalid_argument(f"{FIELD}.steps", f"must be 0 (100) or 1 to {context.settings.max_budget}")
         batch_size = message.batch_size or 16
         if not 2 <= batch_size <= 512:
             raise invalid_argument(f"{FIELD}.batch_size", f"must be 0 (16) or 2 to 512, got {batch_size}")
