@@ -38,6 +38,7 @@ if CHROMIUM is None or CHROMEDRIVER is None:
 from selenium import webdriver  # noqa: E402 - only once the browser is known to be there
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 
@@ -205,3 +206,48 @@ def test_a_person_runs_an_evolution_in_the_browser_and_the_server_records_it(
     assert len({entry.rater for entry in log}) == 1 and all(entry.latency_s > 0 for entry in log)
     assert all(entry.idempotency_key.endswith(":web") for entry in log)
     assert client.get_job(job_id).state.value == "succeeded"
+
+
+def test_a_person_compares_pairs_for_human_nes_in_the_browser(
+    stack: tuple[Client, Front], browser: webdriver.Chrome
+) -> None:
+    """The pairwise view: two images a pair, a graded slider with a tie, keyboard answers, sides as the server drew
+    them; the answers reach the log with what was shown where, and the tuned generator comes back as a new version."""
+    client, front = stack
+    browser.get(front.url)
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
+    Select(browser.find_element(By.ID, "kind")).select_by_value("human_nes")
+    Select(browser.find_element(By.ID, "model")).select_by_visible_text("scenes-gen-step300@1")
+    for field, value in (("rounds", "1"), ("images", "2"), ("pairs", "2"), ("rater", "pat")):
+        box = browser.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(value)
+    browser.find_element(By.ID, "start").click()
+    WebDriverWait(browser, 90, poll_frequency=0.1).until(
+        lambda d: d.execute_script("return !document.getElementById('pairview').hidden && state.round !== null")
+    )
+    job_id = browser.execute_script("return state.job")
+    body = browser.find_element(By.TAG_NAME, "body")
+    shown = []
+    for key in ("1", "t", Keys.ARROW_RIGHT):  # left much better, a tie, right a little better
+        left = browser.find_element(By.ID, "leftImg").get_attribute("data-item-id") or ""
+        right = browser.find_element(By.ID, "rightImg").get_attribute("data-item-id") or ""
+        assert {left[-1], right[-1]} == {"+", "-"}  # x + Delta on one side, x - Delta on the other
+        shown.append((left, right))
+        body.send_keys(key)
+        body.send_keys(Keys.ENTER)
+    body.send_keys(Keys.BACKSPACE)  # back to the third pair: the slider remembers its answer
+    assert browser.find_element(By.ID, "gradeText").text == "right better (0.5)"
+    body.send_keys(Keys.ENTER)
+    shown.append(
+        tuple(browser.find_element(By.ID, side).get_attribute("data-item-id") or "" for side in ("leftImg", "rightImg"))
+    )
+    body.send_keys("5")  # right much better
+    body.send_keys(Keys.ENTER)  # the last pair: the answers go to the server
+
+    WebDriverWait(browser, 120).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#result img"))
+    (entry,) = client.interactions(job_id)
+    assert entry.pairwise == (1.0, 0.0, -0.5, -1.0)
+    assert [(entry.items[a].item_id, entry.items[b].item_id) for a, b in entry.pairs] == shown
+    assert entry.idempotency_key.endswith(":web:pat") and entry.latency_s > 0
+    assert client.get_result(job_id).models == ["scenes-gen-step300@2"]

@@ -1,4 +1,5 @@
-"""`gansteer-web`: the rounds page, a small web front end where a person runs interactive evolution in a browser.
+"""`gansteer-web`: the rounds page, a small web front end where a person answers rounds in a browser: picks of an
+interactive evolution, or graded comparisons of image pairs for human NES (the pairwise view).
 
     gansteer-web --port 8080                      # the services at GANSTEER_TARGET (default: the local stack)
 
@@ -11,10 +12,15 @@ double-clicked "next round") carries one idempotency key per round and is record
 The JSON API (the API key in the `X-Gansteer-Key` header, optional when the deployment has auth off):
 
     GET  /api/models                       generators with their classes
-    POST /api/jobs                         {model, class, mu, offspring, rounds, seed} -> {job_id}
-    GET  /api/jobs/<id>/round              the job's state and, while it waits, its round with the images
-    POST /api/jobs/<id>/answer             {round_id, picks | action, step_size, key} -> the job's state
-    GET  /api/jobs/<id>/result             the picks' images once the job ended
+    POST /api/jobs                         {kind: evolution, model, class, mu, offspring, rounds, seed} or
+                                           {kind: human_nes, model, class, images, pairs, raters, rounds, seed}
+                                           -> {job_id}
+    GET  /api/jobs/<id>/round              the job's state and, while it waits, its round with the images (and, for a
+                                           pairwise round, its pairs as shown and its answer scale)
+    POST /api/jobs/<id>/answer             {round_id, picks | action, step_size, key} (choice) or
+                                           {round_id, scores, key} (pairwise: one score in [-1, 1] per pair, +1 left)
+                                           -> the job's state
+    GET  /api/jobs/<id>/result             the result's images once the job ended (and the new model versions)
     GET  /api/jobs/<id>/interactions       the interaction log (what was shown where, who answered what)
 """
 
@@ -98,6 +104,10 @@ def _job_state(client: Client, job_id: str) -> dict[str, Any]:
             "actions": list(pending.actions),
             "step_size": pending.step_size,
             "generator": pending.generator,
+            "answer": pending.answer.value,
+            "pairs": [list(pair) for pair in pending.pairs],
+            "answer_levels": pending.answer_levels,
+            "answers_required": pending.answers_required,
             "items": [
                 {"item_id": item.item_id, "parent_ids": list(item.parent_ids), "seed": item.seed, "image": data_url(im)}
                 for item, im in zip(pending.items, images, strict=True)
@@ -188,6 +198,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def _submit(self) -> None:
         body = self._body()
+        if body.get("kind") == "human_nes":
+            self._submit_nes(body)
+            return
         options: dict[str, Any] = {
             name: int(body[name]) for name in ("mu", "offspring", "rounds", "seed") if body.get(name) not in (None, "")
         }
@@ -197,13 +210,27 @@ class Handler(BaseHTTPRequestHandler):
         job = self._client().evolve(model=str(body.get("model") or "scenes-gen"), **options)
         self._json({"job_id": job.id})
 
+    def _submit_nes(self, body: dict[str, Any]) -> None:
+        names = {"images": "images", "pairs": "pairs_per_image", "raters": "raters_per_pair", "rounds": "rounds"}
+        options: dict[str, Any] = {
+            option: int(body[name]) for name, option in names.items() if body.get(name) not in (None, "")
+        }
+        if body.get("seed") not in (None, ""):
+            options["seed"] = int(body["seed"])
+        if body.get("class") not in (None, ""):
+            value = str(body["class"])
+            options["conditioned_class"] = int(value) if value.isdigit() else value
+        job = self._client().human_nes(model=str(body.get("model") or "scenes-gen"), **options)
+        self._json({"job_id": job.id})
+
     def _job_get(self, job_id: str, what: str) -> None:
         client = self._client()
         if what == "round":
             self._json(_job_state(client, job_id))
         elif what == "result":
-            result = client.get_result(job_id, kind="interactive_evolution")
-            self._json({"images": [data_url(im) for im in result.images], "metrics": result.metrics})
+            result = client.get_result(job_id, kind=client.get_job(job_id).kind)
+            images = [data_url(im) for im in result.images]
+            self._json({"images": images, "metrics": result.metrics, "models": list(result.models)})
         else:
             log = client.interactions(job_id)
             self._json(
@@ -216,6 +243,8 @@ class Handler(BaseHTTPRequestHandler):
                         "choice": list(entry.choice or ()),
                         "step_size": entry.step_size,
                         "shown": [item.item_id for item in entry.items],
+                        "pairs": [list(pair) for pair in entry.pairs],
+                        "pairwise": list(entry.pairwise or ()),
                         "idempotency_key": entry.idempotency_key,
                     }
                     for entry in log
@@ -224,14 +253,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def _answer(self, job_id: str) -> None:
         body = self._body()
-        action = str(body.get("action") or "pick")
-        picks = [int(i) for i in body.get("picks") or []]
-        step = body.get("step_size")
-        answer = Answer(
-            choice=picks if action == "pick" else None,
-            action=action,  # type: ignore[arg-type]
-            step_size=float(step) if step not in (None, "") else None,
-        )
+        if body.get("scores") is not None:
+            answer = Answer(pairwise=[float(score) for score in body["scores"]])
+        else:
+            action = str(body.get("action") or "pick")
+            picks = [int(i) for i in body.get("picks") or []]
+            step = body.get("step_size")
+            answer = Answer(
+                choice=picks if action == "pick" else None,
+                action=action,  # type: ignore[arg-type]
+                step_size=float(step) if step not in (None, "") else None,
+            )
         client = self._client()
         result = client._run(
             client._core.submit_feedback(
