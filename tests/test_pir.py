@@ -4,14 +4,17 @@ generation service serves at once (seed 000)."""
 
 from __future__ import annotations
 
+import csv
+import json
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 from job_fixtures import CLF, GEN, JobStack, OptimizationStub, make_settings
 
-from gansteer import Client
+from gansteer import Client, cli
 from gansteer.errors import InvalidArgument, NotFound
 from gansteer_server.models import ModelRegistry
 from gansteer_server.servers.app import start_generation_server, start_scoring_server
@@ -135,3 +138,22 @@ def test_estimator_and_tuning_jobs_publish_models_the_services_serve(stack: tupl
     finally:
         scoring.stop(grace=None)
         generation.stop(grace=None)
+
+
+def test_the_cli_reports_a_csv_and_exports_the_table(
+    stack: tuple[JobStack, OptimizationStub], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    table = f"cli-{uuid.uuid4().hex[:8]}"
+    rows = tmp_path / "rows.csv"
+    rows.write_text(f"generator,seed,class_id,impressions,interactions\n{GEN},4,1,1000,120\n{GEN},5,2,1000,0\n")
+    target = ["--target", _address(stack[0])]
+    assert cli.main([*target, "--json", "impressions", "report", table, str(rows)]) == 0
+    assert json.loads(capsys.readouterr().out)["total"] == 2
+    out = tmp_path / "export.csv"
+    assert cli.main([*target, "impressions", "export", table, "--out", str(out)]) == 0
+    exported = list(csv.DictReader(out.open()))
+    assert [(r["seed"], r["interactions"], r["source"]) for r in exported] == [("4", "120", "api"), ("5", "0", "api")]
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"generator,seed,class_id,impressions,interactions\n{GEN},4,1,10,11\n")
+    assert cli.main([*target, "impressions", "report", table, str(bad)]) == 3  # invalid argument
+    assert "records[0].interactions" in capsys.readouterr().err

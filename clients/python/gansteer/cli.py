@@ -29,7 +29,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from gansteer import errors
+from gansteer import cli_pir, errors
 from gansteer._transport import DEFAULT_TARGET
 from gansteer.client import Client
 from gansteer.images import image_grid, save_inversion
@@ -925,6 +925,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", help="folder for grid.png (before/after), the chosen embedding.npy, result.json (default out/JOB_ID)"
     )
     am.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+
+    cli_pir.add_commands(command, _common)
 
     jobs = command("jobs", "list, watch, cancel jobs and fetch their results", lambda _args: EXIT_USAGE)
     job_commands = jobs.add_subparsers(dest="jobs_command", required=True, metavar="JOBS_COMMAND")
