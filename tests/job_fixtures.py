@@ -10,21 +10,25 @@ a real `celery worker` (prefork pool, one child) with the given settings.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
+import pytest
 import redis
 import torch
 from google.protobuf.message import Message
@@ -460,3 +464,60 @@ def _worker_main(config_json: str) -> None:
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
     _worker_main(sys.argv[2])
+
+
+class PrivateRedis:
+    """A redis-server of the test's own on a free loopback port, for tests that stop, kill or restart Redis (the
+    shared one at 6379 must never be touched). `append_only`: persist every write to an AOF in `folder`, so that
+    a shutdown and restart keep the data, as a production Redis would."""
+
+    def __init__(self, folder: Path, *, append_only: bool = False) -> None:
+        self.folder, self.append_only = folder, append_only
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = int(probe.getsockname()[1])
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder)]
+        command += ["--save", ""] + (["--appendonly", "yes", "--appendfsync", "always"] if self.append_only else [])
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+        wait_for(lambda: _pings(client), 10, "the private redis-server to answer")
+        client.close()
+
+    def stop(self) -> None:
+        """SHUTDOWN as an operator would (the AOF is flushed), then wait for the process to end."""
+        with contextlib.suppress(redis.ConnectionError):  # the reply is the connection closing
+            redis.Redis.from_url(self.url).shutdown(nosave=False)
+        assert self.process is not None
+        self.process.wait(10)
+
+    def kill(self) -> None:
+        """SIGKILL: Redis gone at once, as when its machine dies."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(10)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+@contextlib.contextmanager
+def private_redis_server(folder: Path, *, append_only: bool = False) -> Iterator[PrivateRedis]:
+    """A started PrivateRedis, killed on exit if still running; skips the test where redis-server is missing."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("needs redis-server on the PATH")
+    server = PrivateRedis(folder, append_only=append_only)
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.process is not None and server.process.poll() is None:
+            server.kill()

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import queue
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,10 +21,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-import redis
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from job_fixtures import SLEEP, JobStack, SleepSpec, wait_for
+from job_fixtures import SLEEP, JobStack, PrivateRedis, SleepSpec, private_redis_server, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from service_fixtures import GEN, LATENT, float_tensor, held, make_settings, running, shared_tiny_registry
 
@@ -216,44 +214,10 @@ def test_readiness_follows_the_checks_and_liveness_stays() -> None:
         readiness.stop()
 
 
-class PrivateRedis:
-    """A redis-server on a free port, killed and started again on the same port."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder, self.port = folder, free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder)]
-        self.process = subprocess.Popen([*command, "--save", ""], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
-        wait_for(lambda: _pings(client), 10, "the private redis-server to answer")
-        client.close()
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait(10)
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
-
-
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("needs redis-server on the PATH")
-    server = PrivateRedis(tmp_path)
-    server.start()
-    try:
+    with private_redis_server(tmp_path) as server:
         yield server
-    finally:
-        if server.process is not None and server.process.poll() is None:
-            server.kill()
 
 
 @pytest.mark.job
