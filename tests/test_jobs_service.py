@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from job_fixtures import (
     SLEEP,
     JobStack,
     SleepSpec,
+    evolution_spec,
     final_state,
     inversion_spec,
     target_png,
@@ -227,6 +229,27 @@ def test_targets_of_another_size_are_resized(stub: object) -> None:
     spec.inversion.targets.add(png=target_png(7, size=50))
     job_id = submit(stub, spec)
     assert final_state(watch_all(stub, job_id)) == S.JOB_STATE_SUCCEEDED  # type: ignore[arg-type]
+
+
+def test_list_jobs_filters_by_labels_states_and_kind(stub: object) -> None:
+    run = uuid.uuid4().hex[:8]  # labels of this test only: the module's other jobs share the store
+    done = submit(stub, inversion_spec(budget=2, labels={"run": run, "side": "a"}))
+    assert final_state(watch_all(stub, done)) == S.JOB_STATE_SUCCEEDED  # type: ignore[arg-type]
+    evolution = evolution_spec()
+    evolution.labels.update({"run": run, "side": "b"})
+    other = submit(stub, evolution)
+
+    def listed(**fields: object) -> list[str]:
+        request = S.ListJobsRequest(labels={"run": run, **fields.pop("labels", {})}, **fields)  # type: ignore[arg-type]
+        return [job.id for job in stub.ListJobs(request, timeout=10).jobs]  # type: ignore[attr-defined]
+
+    assert listed() == [other, done]  # newest first
+    assert listed(labels={"side": "a"}) == [done]
+    assert listed(labels={"side": "c"}) == []
+    assert listed(states=[S.JOB_STATE_SUCCEEDED]) == [done]
+    assert listed(kind="interactive_evolution") == [other]
+    assert listed(kind="inversion", states=[S.JOB_STATE_QUEUED, S.JOB_STATE_RUNNING]) == []
+    stub.CancelJob(S.CancelJobRequest(job_id=other), timeout=10)  # type: ignore[attr-defined]
 
 
 def test_the_same_idempotency_key_returns_the_first_job(stub: object) -> None:

@@ -36,9 +36,11 @@ EVENTS = [
 
 
 class ScriptedOptimization(optimization_pb2_grpc.OptimizationServiceServicer):
-    """Fails the first calls of each method as told, records what the client sent."""
+    """Fails the first calls of each method as told, records what the client sent. The job is RUNNING until the
+    event stream has delivered its final event, so that a client must follow the stream to see it end."""
 
     def __init__(self) -> None:
+        self.final_delivered = threading.Event()
         self.calls: dict[str, list[Any]] = {}
         self.unavailable: dict[str, int] = {}
         self.metadata: list[dict[str, str]] = []
@@ -69,7 +71,8 @@ class ScriptedOptimization(optimization_pb2_grpc.OptimizationServiceServicer):
             time.sleep(1.0)
         if request.job_id not in ("job-1", "slow"):
             context.abort(grpc.StatusCode.NOT_FOUND, f"job_id: no job {request.job_id}")
-        return optimization_pb2.GetJobResponse(job=optimization_pb2.Job(id="job-1", kind="inversion", state=SUCCEEDED))
+        state = SUCCEEDED if self.final_delivered.is_set() else RUNNING
+        return optimization_pb2.GetJobResponse(job=optimization_pb2.Job(id="job-1", kind="inversion", state=state))
 
     def WatchJob(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         self._record("WatchJob", request, context)
@@ -78,6 +81,8 @@ class ScriptedOptimization(optimization_pb2_grpc.OptimizationServiceServicer):
         for index, event in enumerate(EVENTS[start:], start):
             if first_connection and index == 2:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "connection lost")
+            if index == len(EVENTS) - 1:
+                self.final_delivered.set()
             yield event
 
 
@@ -96,7 +101,7 @@ def test_idempotent_calls_are_retried_and_carry_the_key(scripted: tuple[Scripted
     servicer, target = scripted
     servicer.unavailable["GetJob"] = 2
     with Client(target, api_key="secret") as client:
-        assert client.job("job-1").status().state is JobState.SUCCEEDED
+        assert client.job("job-1").status().state is JobState.RUNNING
     assert len(servicer.calls["GetJob"]) == 4  # two refused, then `job()` and `status()`
     assert all(m.get("authorization") == "Bearer secret" for m in servicer.metadata)
 
@@ -156,10 +161,12 @@ def test_watch_resumes_after_the_last_event(scripted: tuple[ScriptedOptimization
 
 
 def test_wait_follows_the_stream_to_the_final_state(scripted: tuple[ScriptedOptimization, str]) -> None:
-    _, target = scripted
+    servicer, target = scripted
     with Client(target) as client:
         status = client.job("job-1").wait(progress=True)
     assert status.state is JobState.SUCCEEDED
+    # it followed the stream (resuming after the dropped connection) to the final event, the only way to see it end
+    assert servicer.final_delivered.is_set() and [r.after_event_id for r in servicer.calls["WatchJob"]] == ["", "2-0"]
 
 
 def test_async_client_watches_and_retries(scripted: tuple[ScriptedOptimization, str]) -> None:
