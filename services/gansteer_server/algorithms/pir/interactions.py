@@ -41,3 +41,17 @@ def half_of(key: str) -> int:
 def rate_bins(rates: Tensor, bins: int) -> Tensor:
     """The bin index of each rate in [0, 1] among `bins` equal bins (1.0 falls in the last)."""
     return (rates.clamp(0, 1) * bins).floor().clamp(max=bins - 1).to(torch.int64)
+
+
+def seed_latent(seed: int, latent_size: int, prior: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """The latent (latent_size,) a Generate request with this seed and count 1 draws (the generation service's
+    `draw_latents`, untruncated): a record names its image by seed, and the estimator job renders it again."""
+    z = torch.randn(1, latent_size, generator=torch.Generator().manual_seed(seed))
+    if prior is None:
+        return z[0]
+    mean, covariance = prior
+    factor, info = torch.linalg.cholesky_ex(covariance.double())
+    if int(info) != 0:
+        values, vectors = torch.linalg.eigh(covariance.double())
+        factor = vectors * values.clamp_min(0).sqrt()
+    return (mean.float() + z @ factor.float().T)[0]

@@ -10,6 +10,7 @@ estimator as `<name>-check`, the main one as `<name>` with `check_estimator` on 
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections.abc import Mapping
@@ -21,9 +22,10 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from torch import Tensor, nn
 
+from gansteer.tensors import from_tensor_proto
 from gansteer_server.algorithms import scorers
 from gansteer_server.algorithms.pir.estimator import EstimatorConfig, EstimatorTraining, expected_rate
-from gansteer_server.algorithms.pir.interactions import half_of, near_zero_share, simulate_interactions
+from gansteer_server.algorithms.pir.interactions import half_of, near_zero_share, seed_latent, simulate_interactions
 from gansteer_server.jobs.backends import ModelBackend
 from gansteer_server.jobs.impressions import DATASET, ImpressionStore, now_timestamp
 from gansteer_server.jobs.kinds import JobKind, StepProgress, SubmitContext, register_kind
@@ -34,7 +36,6 @@ from gansteer_server.models.card import NAME_PATTERN
 from gansteer_server.models.lineage import Lineage, register_trained
 from gansteer_server.proto import common_pb2
 from gansteer_server.proto import optimization_pb2 as opt
-from gansteer_server.servers.sampling import draw_latents, seeded_generator
 from gansteer_server.wire.convert import float_tensor
 from gansteer_server.wire.errors import invalid_argument, not_found
 
@@ -254,11 +255,9 @@ def render_records(
         for index in indices:
             record = shown[index]
             if record.HasField("latent"):
-                from gansteer.tensors import from_tensor_proto
-
                 latents.append(torch.from_numpy(from_tensor_proto(record.latent, copy=True)).float().reshape(-1))
             else:
-                latents.append(draw_latents(seeded_generator(record.seed), 1, card.latent_size, prior)[0])
+                latents.append(seed_latent(record.seed, card.latent_size or 0, prior))
         z = torch.stack(latents)
         classes = torch.tensor([shown[i].class_id for i in indices], dtype=torch.int64) if card.num_classes else None
         with torch.no_grad():
@@ -314,7 +313,7 @@ class PIREstimatorRun:
         card: ModelCard = generator.card  # type: ignore[attr-defined]
         prior = self.registry.latent_prior(simulation.generator)
         seeds = [simulation.seed + first + i for i in range(count)]
-        z = torch.stack([draw_latents(seeded_generator(seed), 1, card.latent_size, prior)[0] for seed in seeds])
+        z = torch.stack([seed_latent(seed, card.latent_size or 0, prior) for seed in seeds])
         classes = None
         if card.num_classes:
             classes = torch.randint(card.num_classes, (count,), generator=torch.Generator().manual_seed(seeds[0]))
@@ -443,8 +442,6 @@ class PIREstimatorRun:
 
     def estimators(self) -> list[nn.Module]:
         """The trained estimators at their best held-out loss, frozen (copies: training may go on)."""
-        import copy
-
         finished = []
         for training in self._ensure_training():
             module = copy.deepcopy(training.estimator)
