@@ -42,7 +42,8 @@ from gansteer_server.wire.errors import invalid_argument
 
 KIND = "pir_tuning"
 FIELD = f"spec.{KIND}"
-REAL_IMAGES = 2000
+#: Real images of the GAN loss: enough that a run rarely draws one twice, at most 2000 (rendering them is per segment).
+MAX_REAL_IMAGES, MIN_REAL_IMAGES = 2000, 256
 _REAL_SEED = 321
 _EVAL_SEEDS = (10_000, 20_000)
 
@@ -204,7 +205,8 @@ class PIRTuningRun:
         self.spec, self.backend, self.registry = spec, backend, registry
         self.card = registry.card(spec.generator)
         frozen = self._module(spec.generator)
-        images, labels = real_images(spec.real_data, REAL_IMAGES, self.card.resolution or 32, _REAL_SEED + spec.seed)
+        count = min(MAX_REAL_IMAGES, max(MIN_REAL_IMAGES, spec.steps * spec.batch_size))
+        images, labels = real_images(spec.real_data, count, self.card.resolution or 32, _REAL_SEED + spec.seed)
         num_classes = self.card.num_classes or 0
         if tuple(self.card.class_names or ()) != CLASS_NAMES:  # the scenes' labels are not this generator's classes
             labels = None
