@@ -362,6 +362,23 @@ class Bench:
         return {"objectives": objectives, "guard": guard, "round_2": round_2}
 
 
+def _hacked(view: dict[str, Any]) -> str:
+    """Why a run counts as hacking its estimator (estimated PIR up while the true PIR did not rise significantly,
+    or realism collapsed: fid_builtin more than doubled or judge accuracy down by more than 0.1), or ''."""
+    if view["estimated_change"] <= 0:
+        return ""
+    reasons = []
+    if not (view["p_value"] < 0.001 and view["cohens_d"] > 0):
+        reasons.append(f"true PIR flat (d {view['cohens_d']:.2f}, p {view['p_value']:.2g})")
+    if view["fid_builtin_ratio"] > 2:
+        reasons.append(f"fid_builtin x{view['fid_builtin_ratio']:.2f}")
+    if view["judge_accuracy_drop"] > 0.1:
+        reasons.append(f"judge accuracy -{view['judge_accuracy_drop']:.3f}")
+    if not reasons:
+        return ""
+    return f"hacked the estimator (estimated {view['estimated_change']:+.4f}; " + ", ".join(reasons) + ")"
+
+
 def _guard_view(result: dict[str, Any]) -> dict[str, Any]:
     keys = ("cohens_d", "p_value", "judge_accuracy_drop", "fid_builtin_ratio", "lpips_builtin_ratio")
     return {key: result[key] for key in keys} | {
@@ -507,6 +524,18 @@ def write_doc(report: dict[str, Any], path: Path) -> None:
                 f"| {g['check_estimated_change']:+.4f} | {g['judge_accuracy_drop']:.3f} | {g['fid_builtin_ratio']:.2f} "
                 f"| {g['lpips_builtin_ratio']:.2f} | {g['colour_entropy_change']:+.2f} |"
             )
+    for name, runs in report["guard"].items():
+        verdicts = {label: _hacked(runs[label]) for label in ("guarded", "unguarded")}
+        lines += [
+            "",
+            f"{name}: unguarded {verdicts['unguarded'] or 'not hacked by this test'}; guarded "
+            f"{verdicts['guarded'] or 'not hacked by this test'}. "
+            + (
+                "The guard demonstrably matters here."
+                if verdicts["unguarded"] and not verdicts["guarded"]
+                else "This run does not show the guard mattering (see the figures)."
+            ),
+        ]
     lines += [
         "",
         "## Round 2 (appendix A.3)",
@@ -524,7 +553,7 @@ def write_doc(report: dict[str, Any], path: Path) -> None:
             f"| {name} | {value['round_1']['cohens_d']:.2f} | {r2['cohens_d']:.2f} | {r2['p_value']:.2g} "
             f"| {r2['judge_accuracy_drop']:.3f} | {r2['fid_builtin_ratio']:.2f} |"
         )
-    lines += ["", METHOD.format(**sizes)]
+    lines += ["", METHOD.format(**sizes), USAGE]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -562,11 +591,72 @@ METHOD = """## Method and the sizes chosen
 """
 
 
+USAGE = """## Using it: interactions, estimator and tuning jobs
+
+**Interactions.** A product reports, per shown image, the generator version, the image's seed (the latent a
+`Generate` with that seed and count 1 draws) or its latent, its class, impressions and interactions, and optionally
+its own image id, a rater or cohort id and the time shown:
+
+```python
+client.report_impressions("homepage", [
+    {"generator": "scenes-gen@1", "seed": 17, "class_id": 2, "impressions": 1000, "interactions": 131,
+     "image_id": "hero-17", "cohort": "eu"},
+])                                                    # -> (recorded, table size, duplicate)
+rows = client.impressions("homepage")                 # the table, oldest first, with reporter/received_at/source
+```
+
+`gansteer impressions report homepage rows.csv` and `gansteer impressions export homepage --out t.csv` do the same
+from the shell (RPCs `ReportImpressions`, `ListImpressions`). Tables are append-only Redis lists; the service stamps
+each record with the caller (`reporter`), the time of receipt and `source` (`api`, or `job:<id>` for simulated
+records); a resend with the same idempotency key records nothing. Refused with the field named:
+`records[i].interactions` when interactions exceed impressions or are negative, `records[i].impressions` when
+negative, NOT_FOUND `records[i].generator` for an unknown version, `records[i].class_id` outside the classes,
+`records[i].latent.shape`.
+
+**Estimator.** `client.pir_estimator(dataset="homepage")` trains on the table as it is at submission;
+with `simulate_generator="scenes-gen", simulate_objective={"output": "colour_single", "params": {"colour":
+"red"}}` the job first collects 1,000 images x 1,000 impressions of simulated interactions into the table itself
+(binomial noise, any scorer output in [0, 1]). Two estimators train on the table's disjoint halves (a stable hash
+of each image's key); both are registered when the job succeeds, `pir-<table>` (naming its check on its card)
+and `pir-<table>-check`, as models of kind `pir_estimator`, which the scoring service serves at once:
+`client.score(images, "pir-homepage", "pir")`. Refused: fewer images per estimator than bins
+(`spec.pir_estimator.simulate.images` or `.dataset`), an unknown table (NOT_FOUND `spec.pir_estimator.dataset`).
+
+**Tuning.** `client.pir_tuning(model="scenes-gen", estimator="pir-homepage", objective={...})` tunes with the
+guards on and registers the tuned generator as the next version of `scenes-gen` (or `register_as`), its lineage
+naming both estimators, the table, the guard settings and the job's metrics; the generation service serves it
+without a restart. `no_guards=True` is the ablation. `pir_weight < 0` is refused naming
+`spec.pir_tuning.pir_weight`; a check estimator equal to the optimised one, or none with the guards on, naming
+`spec.pir_tuning.check_estimator`. All three steps are jobs: segmented, checkpointed, resumed after a lost
+worker to the same result (the contract test), with progress events (collected images, losses per epoch, the
+tuning's losses and the probes' estimates).
+
+**Round 2.** Collect on the tuned version into the same table (`simulate_generator="scenes-gen@2"`), train with
+`init_estimator="pir-homepage"` (the check estimator continues too), tune `scenes-gen@2` again.
+
+**Choices where the issue was silent.** Tables are one namespace per deployment (the reporter is recorded, not
+used to separate tables). A record names its image by seed or latent, never by pixels, so the estimator job
+renders it again from the pinned generator version. The estimator keeps the epoch with the lowest held-out loss.
+The anchor is in pixels; early stopping keeps the weights the check estimator rates highest (step 0 included, so
+a tuning that only hurts returns the original weights). The tuning job runs on the local backend only.
+"""
+
+
+def doc_only() -> None:
+    """Rewrites docs/pir.md from bench/results/pir.json (the page's text changed, the figures did not)."""
+    report = json.loads((ROOT / "bench" / "results" / "pir.json").read_text())
+    write_doc(report, ROOT / "docs" / "pir.md")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--doc-only", action="store_true", help="rewrite docs/pir.md from bench/results/pir.json")
     args = parser.parse_args()
+    if args.doc_only:
+        doc_only()
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     sizes = QUICK if args.quick else Sizes()
