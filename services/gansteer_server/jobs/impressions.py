@@ -10,6 +10,7 @@ of receipt, `api` or `job:<id>`), written by the caller of `append` (the service
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -35,7 +36,8 @@ class ImpressionStore:
 
     @classmethod
     def open(cls, settings: JobSettings) -> ImpressionStore:
-        return cls(open_redis(settings.settings.redis_url), settings.key_prefix)
+        """A store on the deployment's Redis; one client per URL and process (parsing a spec opens one too)."""
+        return cls(_client(settings.settings.redis_url), settings.key_prefix)
 
     def key(self, dataset: str) -> str:
         return f"{self.prefix}impressions:{dataset}"
@@ -73,6 +75,11 @@ class ImpressionStore:
         if limit is not None and limit <= 0:
             return []
         return [opt.ImpressionRecord.FromString(data) for data in self.client.lrange(self.key(dataset), offset, end)]
+
+
+@functools.lru_cache(maxsize=8)
+def _client(url: str) -> redis.Redis:
+    return open_redis(url)
 
 
 def now_timestamp() -> tuple[int, int]:
