@@ -147,3 +147,41 @@ def test_the_cli_tunes_with_a_simulated_person(services: Services, tmp_path: Pat
     models = services[0].models("generator")
     assert "tiny-gen-cli@1" in [m.ref for m in models]
     assert json.loads((out / "result.json").read_text())["generator"] == f"{GEN}@1"
+
+
+def test_the_result_reports_the_iterations_forking_analysis(services: Services) -> None:
+    """With a later snapshot G_j, the result holds d1 = |G_i(z) - G_j(z)| and d2 = |G_i,AH(z) - G_j(z)| per fixed
+    latent (pixels and features) and the fraction with d2 < d1 (seed 004, section 4.3)."""
+    import torch
+
+    from gansteer_server.jobs.backends import LocalBackend
+    from gansteer_server.models.lineage import Lineage, register_derived
+
+    client, stack, _ = services
+    registry = ModelRegistry([stack.registry_root])
+    base = LocalBackend(registry).generator(GEN)
+    later = base.trainable_copy()  # type: ignore[attr-defined]
+    with torch.no_grad():
+        for parameter in later.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    lineage = Lineage(base=f"{GEN}@1", job_id="test-later-snapshot", kind="test", seed=0)
+    register_derived(registry, registry.card(GEN), later, lineage, name="tiny-gen-later")
+
+    rater = PairwisePerson(client, scorer=DISC, rater_id="sim-fork")
+    job = client.human_nes(
+        model=GEN, forking_reference="tiny-gen-later", learning_rate=1e-2, seed=8, register_as="tiny-gen-fork", **SMALL
+    )
+    status = job.answer_rounds(rater, rater_id=rater.rater_id)
+    assert status.state is JobState.SUCCEEDED, status.error
+    result = job.result()
+    metrics = [dict(m) for m in result.item_metrics]
+    names = {"d1_pixels", "d2_pixels", "d1_features", "d2_features"}
+    assert len(metrics) == 3 and all(names <= set(m) for m in metrics)
+    closer = sum(m["d2_pixels"] < m["d1_pixels"] for m in metrics) / 3
+    assert result.forking_closer == pytest.approx(closer)
+    # d1 is the distance between the two snapshots' images of the same latents, as the generation service renders them
+    shown = client.generate(GEN, latents=result.latents, classes=list(result.class_ids))
+    target = client.generate("tiny-gen-later", latents=result.latents, classes=list(result.class_ids))
+    for m, a, b in zip(metrics, shown.images, target.images, strict=True):
+        pixels = (np.asarray(a, np.float64) - np.asarray(b, np.float64)) / 127.5
+        assert np.linalg.norm(pixels) == pytest.approx(m["d1_pixels"], rel=0.02)

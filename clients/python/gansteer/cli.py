@@ -463,6 +463,7 @@ _NES_OPTIONS = (
     "register_as",
     "seed",
     "round_expiry_s",
+    "forking_reference",
 )
 
 
@@ -825,6 +826,7 @@ def build_parser() -> argparse.ArgumentParser:
     nes.add_argument("--register-as", help="name of the tuned version (default: the generator's)")
     nes.add_argument("--seed", type=int)
     nes.add_argument("--round-expiry-s", type=float)
+    nes.add_argument("--forking-reference", metavar="LATER", help="a later snapshot: report the forking analysis")
     nes.add_argument("--simulate", metavar="SCORER", help="let a simulated person judging with this scorer answer")
     nes.add_argument("--noise", type=float, default=0.5, help="the simulated person's noise (default 0.5)")
     nes.add_argument("--rater", default="", help="your rater name (the log keeps a pseudonym)")

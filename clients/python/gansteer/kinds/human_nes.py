@@ -40,6 +40,8 @@ class HumanNESOptions(JobOptions, total=False):
     register_as: str  # the tuned version's name (the generator's)
     round_expiry_s: float
     seed: int
+    forking_reference: str  # a later snapshot G_j: the result reports the iterations-forking analysis
+    feature_extractor: str  # the features of that analysis (the generator's paired extractor)
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,12 @@ class HumanNESResult(JobResult):
     @property
     def rounds_answered(self) -> int:
         return int(self.metrics.get("rounds_answered", 0))
+
+    @property
+    def forking_closer(self) -> float | None:
+        """With a `forking_reference`: the fraction of latents whose tuned image is closer to G_j's (pixels)."""
+        value = self.metrics.get("forking_closer_pixels")
+        return None if value is None else float(value)
 
 
 HUMAN_NES = Kind("human_nes", method="human_nes", options=option_names(HumanNESOptions), result=HumanNESResult)
@@ -81,6 +89,10 @@ def human_nes_spec(
         round_expiry_s=options.get("round_expiry_s", 0.0),
         seed=options.get("seed", 0),
     )
+    if "forking_reference" in options:
+        spec.forking_reference.CopyFrom(model_ref(options["forking_reference"]))
+    if "feature_extractor" in options:
+        spec.feature_extractor.CopyFrom(model_ref(options["feature_extractor"]))
     if "sigma" in options:
         spec.sigma = float(options["sigma"])
     if "learning_rate" in options:

@@ -334,7 +334,7 @@ class PIREstimatorSpec(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., simulate: _Optional[_Union[SimulatedImpressions, _Mapping]] = ..., backbone: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., bins: _Optional[int] = ..., learning_rate: _Optional[float] = ..., epochs: _Optional[int] = ..., held_out: _Optional[float] = ..., temperature: _Optional[float] = ..., single: _Optional[bool] = ..., init_estimator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., register_as: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class HumanNESSpec(_message.Message):
-    __slots__ = ("generator", "basis", "basis_images", "basis_components", "basis_scenes", "sigma", "images", "pairs_per_image", "rounds", "raters_per_pair", "answer_levels", "learning_rate", "condition", "register_as", "round_expiry_s", "seed")
+    __slots__ = ("generator", "basis", "basis_images", "basis_components", "basis_scenes", "sigma", "images", "pairs_per_image", "rounds", "raters_per_pair", "answer_levels", "learning_rate", "condition", "register_as", "round_expiry_s", "seed", "forking_reference", "feature_extractor")
     GENERATOR_FIELD_NUMBER: _ClassVar[int]
     BASIS_FIELD_NUMBER: _ClassVar[int]
     BASIS_IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -351,6 +351,8 @@ class HumanNESSpec(_message.Message):
     REGISTER_AS_FIELD_NUMBER: _ClassVar[int]
     ROUND_EXPIRY_S_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    FORKING_REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_EXTRACTOR_FIELD_NUMBER: _ClassVar[int]
     generator: _common_pb2.ModelRef
     basis: str
     basis_images: _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]
@@ -367,7 +369,9 @@ class HumanNESSpec(_message.Message):
     register_as: str
     round_expiry_s: float
     seed: int
-    def __init__(self, generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., basis: _Optional[str] = ..., basis_images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., basis_components: _Optional[int] = ..., basis_scenes: _Optional[int] = ..., sigma: _Optional[float] = ..., images: _Optional[int] = ..., pairs_per_image: _Optional[int] = ..., rounds: _Optional[int] = ..., raters_per_pair: _Optional[int] = ..., answer_levels: _Optional[int] = ..., learning_rate: _Optional[float] = ..., condition: _Optional[_Union[_common_pb2.ClassCondition, _Mapping]] = ..., register_as: _Optional[str] = ..., round_expiry_s: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    forking_reference: _common_pb2.ModelRef
+    feature_extractor: _common_pb2.ModelRef
+    def __init__(self, generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., basis: _Optional[str] = ..., basis_images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., basis_components: _Optional[int] = ..., basis_scenes: _Optional[int] = ..., sigma: _Optional[float] = ..., images: _Optional[int] = ..., pairs_per_image: _Optional[int] = ..., rounds: _Optional[int] = ..., raters_per_pair: _Optional[int] = ..., answer_levels: _Optional[int] = ..., learning_rate: _Optional[float] = ..., condition: _Optional[_Union[_common_pb2.ClassCondition, _Mapping]] = ..., register_as: _Optional[str] = ..., round_expiry_s: _Optional[float] = ..., seed: _Optional[int] = ..., forking_reference: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., feature_extractor: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ...) -> None: ...
 
 class InteractiveEvolutionSpec(_message.Message):
     __slots__ = ("generator", "mu", "offspring", "mutation_rate", "rounds", "condition", "seed", "fixed_mutation_rate", "round_expiry_s", "backend")

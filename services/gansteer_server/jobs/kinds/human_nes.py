@@ -24,7 +24,7 @@ from google.protobuf.message import Message
 from torch import Tensor
 
 from gansteer_server.algorithms import human_nes as hn
-from gansteer_server.jobs.backends import ModelBackend
+from gansteer_server.jobs.backends import FeatureExtractor, GeneratorModel, ModelBackend
 from gansteer_server.jobs.kinds import JobKind, StepProgress, SubmitContext, register_kind
 from gansteer_server.jobs.rounds import Answer, Round, RoundItem
 from gansteer_server.jobs.settings import JobSettings
@@ -69,6 +69,8 @@ class HumanNESJobSpec:
     register_as: str
     round_expiry_s: float = 0.0
     seed: int = 0
+    forking_reference: str = ""  # a later snapshot G_j (pinned); empty: no forking analysis
+    feature_extractor: str = ""  # the analysis's features (pinned)
     backend: str = "local"  # the weights move: they live in the worker
 
 
@@ -106,6 +108,8 @@ class HumanNESJob(JobKind):
         "register_as": "the generator's name",
         "round_expiry_s": "deployment default",
         "seed": 0,
+        "forking_reference": "none: no iterations-forking analysis",
+        "feature_extractor": "the generator's paired extractor, or the deployment's default",
     }
 
     def parse(self, message: Message, context: SubmitContext) -> HumanNESJobSpec:
@@ -148,6 +152,7 @@ class HumanNESJob(JobKind):
         register_as = message.register_as or card.name
         if not re.fullmatch(NAME_PATTERN, register_as):
             raise invalid_argument(f"{FIELD}.register_as", f"{register_as[:100]!r} is not a model name")
+        reference, features = self._forking(message, context, card)
         return HumanNESJobSpec(
             generator=card.ref,
             z_size=int(card.latent_size or 0),
@@ -168,7 +173,27 @@ class HumanNESJob(JobKind):
             register_as=register_as,
             round_expiry_s=expiry,
             seed=message.seed,
+            forking_reference=reference,
+            feature_extractor=features,
         )
+
+    @staticmethod
+    def _forking(message: opt.HumanNESSpec, context: SubmitContext, card: ModelCard) -> tuple[str, str]:
+        """The later snapshot of the forking analysis (same latent size, classes and resolution) and its features."""
+        if not message.forking_reference.name:
+            return "", ""
+        field = f"{FIELD}.forking_reference"
+        later = context.model(message.forking_reference, field, ("generator",))
+        shape = (later.latent_size, later.num_classes, later.resolution, later.channels)
+        if shape != (card.latent_size, card.num_classes, card.resolution, card.channels):
+            raise invalid_argument(field, f"{later.ref} is not a snapshot of {card.ref}'s architecture")
+        ref = message.feature_extractor
+        if not ref.name:
+            paired = card.extra.get("feature_extractor")
+            name = paired if isinstance(paired, str) and paired else context.settings.default_feature_extractor
+            ref = common_pb2.ModelRef(name=name)
+        features = context.model(ref, f"{FIELD}.feature_extractor", ("feature_extractor", "classifier"))
+        return later.ref, features.ref
 
     @staticmethod
     def _basis(
@@ -250,7 +275,29 @@ class HumanNESJob(JobKind):
             seed=spec.seed,
         )
         run = hn.NESRun(config, module, tuned, z, condition, _basis(spec))
-        return HumanNESJobRun(spec, run, base, ModelRegistry(settings.settings.registry_paths))
+        forking = None
+        if spec.forking_reference:
+            forking = ForkingReference(
+                backend.generator(spec.forking_reference), backend.feature_extractor(spec.feature_extractor)
+            )
+        return HumanNESJobRun(spec, run, base, ModelRegistry(settings.settings.registry_paths), forking)
+
+
+@dataclass(frozen=True)
+class ForkingReference:
+    """The later snapshot G_j and the feature extractor of the iterations-forking analysis."""
+
+    later: GeneratorModel
+    extractor: FeatureExtractor
+
+    def analyse(self, before: Tensor, after: Tensor, z: Tensor, condition: Tensor | None) -> dict[str, hn.Forking]:
+        with torch.no_grad():
+            target = self.later(z, condition).float()
+
+        def penultimate(images: Tensor) -> Tensor:
+            return self.extractor.features(images)["penultimate"]
+
+        return {"pixels": hn.forking(before, after, target), "features": hn.forking(before, after, target, penultimate)}
 
 
 def _basis(spec: HumanNESJobSpec) -> hn.PCABasis | None:
@@ -266,9 +313,14 @@ class HumanNESJobRun:
     """The runner's view of an NESRun: a step opens a pairwise round, `receive` takes its raters' answers."""
 
     def __init__(
-        self, spec: HumanNESJobSpec, run: hn.NESRun, base: ConditionalGenerator, registry: ModelRegistry
+        self,
+        spec: HumanNESJobSpec,
+        run: hn.NESRun,
+        base: ConditionalGenerator,
+        registry: ModelRegistry,
+        forking: ForkingReference | None = None,
     ) -> None:
-        self.spec, self.run, self.base, self.registry = spec, run, base, registry
+        self.spec, self.run, self.base, self.registry, self.forking = spec, run, base, registry, forking
         self._opened = 0
         self._awaiting = False
         self._answers: list[str] = []  # `round:rater` of every answer taken, for the lineage
@@ -359,8 +411,14 @@ class HumanNESJobRun:
             result.class_ids.extend(int(c) for c in self.run.condition)
         result.generator.name, result.generator.version = self.base.card.name, self.base.card.version
         moved = (images - before).reshape(len(images), -1).norm(dim=1)
-        for value in moved.tolist():
-            result.item_metrics.add(values={"pixel_change": value})
+        per_item: list[dict[str, float]] = [{"pixel_change": value} for value in moved.tolist()]
+        if self.forking is not None:
+            for space, analysis in self.forking.analyse(before, images, self.run.latents, self.run.condition).items():
+                result.metrics[f"forking_closer_{space}"] = analysis.closer_fraction
+                for values, d1, d2 in zip(per_item, analysis.d1.tolist(), analysis.d2.tolist(), strict=True):
+                    values |= {f"d1_{space}": d1, f"d2_{space}": d2}
+        for values in per_item:
+            result.item_metrics.add(values=values)
         scores = torch.tensor(self._scores or [0.0])
         result.metrics["rounds_answered"] = float(self.run.answered)
         result.metrics["answers"] = float(len(self._answers))
@@ -393,6 +451,7 @@ class HumanNESJobRun:
                 "rounds_answered": self.run.answered,
                 "raters_per_pair": spec.raters,
                 "learning_rate": spec.learning_rate,
+                "forking_reference": spec.forking_reference,
                 "answers": list(self._answers),
                 "interaction_log": f"ListInteractions(job_id={job_id!r})",
             },
