@@ -243,6 +243,8 @@ def test_a_person_compares_pairs_for_human_nes_in_the_browser(
         tuple(browser.find_element(By.ID, side).get_attribute("data-item-id") or "" for side in ("leftImg", "rightImg"))
     )
     body.send_keys("5")  # right much better
+    if os.environ.get("GANSTEER_DOCS_SCREENSHOT"):
+        browser.save_screenshot(str(DOCS_SCREENSHOT.with_name("pairs_page.png")))
     body.send_keys(Keys.ENTER)  # the last pair: the answers go to the server
 
     WebDriverWait(browser, 120).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#result img"))
