@@ -105,13 +105,15 @@ def test_none_is_good_undo_and_a_step_size_and_bad_answers_refused_naming_the_fi
     assert again.duplicate
     redrawn = next_round(job, after=first.round_id)
     assert {i.item_id for i in redrawn.items}.isdisjoint({i.item_id for i in first.items})
-    with pytest.raises(RoundClosed):
+    with pytest.raises(RoundClosed) as closed:
         job.feedback(first, choice=[0, 1, 2])  # a round already answered
+    assert closed.value.field == "round_id" and closed.value.round_id == first.round_id
 
     other = client.evolve(model=GEN, rounds=1, seed=5, **SMALL)  # type: ignore[arg-type]
     other_round = next_round(other)
-    with pytest.raises(RoundClosed):
+    with pytest.raises(RoundClosed) as closed:
         job.feedback(other_round, choice=[0, 1, 2])  # another job's round
+    assert closed.value.field == "round_id"
     other.cancel()
 
     job.feedback(redrawn, choice=[4, 4, 1], step_size=0.5)
