@@ -329,7 +329,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     for k in range(6):
         value = top * k / 5
         x, y = xy(min(queries), value)
-        draw.text((x - 40, y - 6), f"{value:.2f}", fill="black")
+        draw.text((x - 44, y - 6), f"{value:.3f}", fill="black")
     draw.text((width / 2 - 80, height - 25), "queries per image set (N = 25)", fill="black")
     draw.text((10, 10), "cosine(NES estimate, true gradient), mean and 95% CI", fill="black")
     for index, (name, rows) in enumerate(curves.items()):
