@@ -185,3 +185,20 @@ def test_the_result_reports_the_iterations_forking_analysis(services: Services) 
     for m, a, b in zip(metrics, shown.images, target.images, strict=True):
         pixels = (np.asarray(a, np.float64) - np.asarray(b, np.float64)) / 127.5
         assert np.linalg.norm(pixels) == pytest.approx(m["d1_pixels"], rel=0.02)
+
+
+def test_a_folder_of_real_images_is_the_basis(services: Services, tmp_path: Path) -> None:
+    client, stack, _ = services
+    for index in range(12):
+        (tmp_path / f"{index:02d}.png").write_bytes(target_png(100 + index))
+    with pytest.raises(InvalidArgument) as refused:  # 12 images span at most 11 directions
+        client.human_nes(model=GEN, basis_folder=tmp_path, basis_components=12)
+    assert refused.value.field == "spec.human_nes.basis_components"
+    rater = PairwisePerson(client, scorer=DISC, rater_id="sim-folder")
+    job = client.human_nes(
+        model=GEN, basis_folder=tmp_path, basis_components=5, images=2, pairs_per_image=2, register_as="tiny-gen-folder"
+    )
+    status = job.answer_rounds(rater, rater_id=rater.rater_id)
+    assert status.state is JobState.SUCCEEDED, status.error
+    lineage = ModelRegistry([stack.registry_root]).card("tiny-gen-folder@1").extra["lineage"]
+    assert lineage["spec"]["basis_source"] == "images" and lineage["spec"]["basis_components"] == 5

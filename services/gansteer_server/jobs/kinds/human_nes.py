@@ -46,6 +46,7 @@ MIN_BASIS_IMAGES = 10
 MAX_BASIS_IMAGES = 4096
 MAX_PAIRS_PER_ROUND = 1000  # each pair is two PNGs in the round and its event
 MAX_RATERS = 100
+MAX_COMPONENTS = 512  # q; the components travel in the stored spec
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,13 @@ class HumanNESJobSpec:
     num_classes: int
     resolution: int
     basis: str  # uneven | even
-    basis_images: Tensor | None  # (M, C, H, W) at the generator's resolution; None: scenes renders
+    # The PCA of the user's basis images, made at submission (the images themselves are not stored): components
+    # (D, q), eigenvalues (q,) and mean (D,). None: the scenes renders' PCA, made when the run starts.
+    basis_vectors: Tensor | None
     basis_scenes: int
     basis_components: int  # q (uneven)
+    basis_eigenvalues: Tensor | None
+    basis_mean: Tensor | None
     sigma: float
     images: int  # N
     pairs_per_image: int  # R
@@ -123,7 +128,7 @@ class HumanNESJob(JobKind):
         if basis not in BASES:
             raise invalid_argument(f"{FIELD}.basis", f"must be one of {', '.join(BASES)}, got {basis[:50]!r}")
         resolution, channels = int(card.resolution or 32), int(card.channels or 3)
-        images, scenes, q = self._basis(message, context, basis, resolution, channels)
+        pca, scenes, q = self._basis(message, context, basis, resolution, channels)
         sigma = message.sigma if message.HasField("sigma") else DEFAULT_SIGMA[basis]
         if not (math.isfinite(sigma) and sigma > 0):
             raise invalid_argument(f"{FIELD}.sigma", f"must be a finite number > 0, got {sigma}")
@@ -159,7 +164,9 @@ class HumanNESJob(JobKind):
             num_classes=int(card.num_classes or 0),
             resolution=resolution,
             basis=basis,
-            basis_images=images,
+            basis_vectors=None if pca is None else pca.components,
+            basis_eigenvalues=None if pca is None else pca.eigenvalues,
+            basis_mean=None if pca is None else pca.mean,
             basis_scenes=scenes,
             basis_components=q,
             sigma=float(sigma),
@@ -198,8 +205,9 @@ class HumanNESJob(JobKind):
     @staticmethod
     def _basis(
         message: opt.HumanNESSpec, context: SubmitContext, basis: str, resolution: int, channels: int
-    ) -> tuple[Tensor | None, int, int]:
-        """The basis images (resized to the generator's), the scenes count, and q checked against their rank."""
+    ) -> tuple[hn.PCABasis | None, int, int]:
+        """The PCA of the user's basis images (resized to the generator's), or the scenes count; and q, checked
+        against the images' rank."""
         field = f"{FIELD}.basis_images"
         count = len(message.basis_images)
         if basis == "even":
@@ -208,6 +216,7 @@ class HumanNESJob(JobKind):
                 raise invalid_argument(f"{FIELD}.{which}", "an even basis takes no PCA basis (set basis to uneven)")
             return None, 0, 0
         images: Tensor | None = None
+        pca: hn.PCABasis | None = None
         scenes = 0
         if count:
             if not MIN_BASIS_IMAGES <= count <= MAX_BASIS_IMAGES:
@@ -220,20 +229,25 @@ class HumanNESJob(JobKind):
                     for x in decoded
                 ]
             )
-            rank = hn.max_components(images)
-            if rank == 0:
-                raise invalid_argument(field, "the basis images are all the same: they span no direction")
+            try:
+                pca = hn.pca_basis(images, 0)
+            except hn.BasisError as error:
+                raise invalid_argument(field, error.message) from None
+            rank = pca.q
         else:
             scenes = _count(message.basis_scenes, 512, MAX_BASIS_IMAGES, f"{FIELD}.basis_scenes")
             if scenes < MIN_BASIS_IMAGES:
                 raise invalid_argument(f"{FIELD}.basis_scenes", f"needs at least {MIN_BASIS_IMAGES}, got {scenes}")
             rank = min(scenes - 1, channels * resolution * resolution)
         q = message.basis_components
-        if not 0 <= q <= rank:
-            raise invalid_argument(
-                f"{FIELD}.basis_components", f"q must be 0 (100) to {rank}, the rank of the basis images; got {q}"
-            )
-        return images, scenes, q or min(100, rank)
+        if not 0 <= q <= min(rank, MAX_COMPONENTS):
+            text = f"q must be 0 (100) to {min(rank, MAX_COMPONENTS)}"
+            text += f", the rank of the basis images; got {q}" if rank <= MAX_COMPONENTS else f"; got {q}"
+            raise invalid_argument(f"{FIELD}.basis_components", text)
+        q = q or min(100, rank)
+        if pca is not None:
+            pca = hn.PCABasis(pca.components[:, :q].contiguous(), pca.eigenvalues[:q].clone(), pca.mean, pca.shape)
+        return pca, scenes, q
 
     @staticmethod
     def _class(message: opt.HumanNESSpec, card: ModelCard) -> int | None:
@@ -303,9 +317,10 @@ class ForkingReference:
 def _basis(spec: HumanNESJobSpec) -> hn.PCABasis | None:
     if spec.basis == "even":
         return None
-    images = spec.basis_images
-    if images is None:
-        images = hn.scenes_images(spec.basis_scenes, seed=spec.seed, resolution=spec.resolution)
+    if spec.basis_vectors is not None and spec.basis_eigenvalues is not None and spec.basis_mean is not None:
+        shape = (int(spec.basis_mean.numel()) // spec.resolution**2, spec.resolution, spec.resolution)
+        return hn.PCABasis(spec.basis_vectors, spec.basis_eigenvalues, spec.basis_mean, shape)
+    images = hn.scenes_images(spec.basis_scenes, seed=spec.seed, resolution=spec.resolution)
     return hn.pca_basis(images, spec.basis_components, field="basis_components")
 
 
@@ -444,7 +459,7 @@ class HumanNESJobRun:
             spec={
                 "basis": spec.basis,
                 "basis_components": spec.basis_components,
-                "basis_source": "images" if spec.basis_images is not None else f"scenes x {spec.basis_scenes}",
+                "basis_source": "images" if spec.basis_vectors is not None else f"scenes x {spec.basis_scenes}",
                 "sigma": spec.sigma,
                 "images": spec.images,
                 "pairs_per_image": spec.pairs_per_image,
