@@ -404,6 +404,8 @@ def write_doc(results: dict[str, Any], path: Path) -> None:
         "`gansteer nes`, or the",
         'rounds page `gansteer-web` (job "human NES (pairs)": one pair at a time, a slider from "left much better"',
         'through "tie" to "right much better", keys arrows / 1-5 / T / Enter / Backspace).',
+        "With `forking_reference=` a later snapshot, the job's result also holds the iterations-forking analysis",
+        "(d1, d2 per latent in pixels and features, `forking_closer_pixels` / `_features`).",
         "",
         f"## Benchmark (`python bench/human_nes.py`, {results['date']}, {results['seconds'] / 60:.0f} min)",
         "",
