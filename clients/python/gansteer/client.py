@@ -264,9 +264,9 @@ class Client:
         `target`: one image or a list (PIL images, paths, image bytes, numpy arrays); all are optimised as one
         batch, one result each. `options` (see `InversionOptions`): `criterion`, `lambda_*`, `discriminator`,
         `optimizer`, `budget` (300 iterations unless given), `conditioned_class`, `restarts`, `seed`, ... Unset
-        ones take the server's defaults (the `l2+features` preset, per-search L-BFGS); an unknown one raises TypeError naming
-        the nearest valid name. Returns at once with the job; the server refuses a bad spec with InvalidArgument,
-        or NotFound for an unknown model.
+        ones take the server's defaults (the `l2+features` preset, per-search L-BFGS); an unknown one raises
+        TypeError naming the nearest valid name. Returns at once with the job; the server refuses a bad spec with
+        InvalidArgument, or NotFound for an unknown model.
         """
         job_id, kind = self._run(self._core.invert(target, model=model, options=options))
         return Job(self, job_id, kind=kind)

@@ -78,9 +78,8 @@ class ModelRegistry:
         """The entry for `name` (its newest version across all roots) or for `name@version`."""
         name, version = parse_ref(ref)
         folders = self._folders(name)
-        if not folders:
-            roots = ", ".join(str(p) for p in self.paths)
-            raise ModelNotFound(f"no model named {name!r} in the registry ({roots})", field="ref")
+        if not folders:  # the registry's folders are the server's business: a client is told the name only
+            raise ModelNotFound(f"no model named {name!r} in the registry (ListModels lists them)", field="ref")
         if version is None:
             version = max(v for _, v in folders)
         elif (name, version) not in folders:

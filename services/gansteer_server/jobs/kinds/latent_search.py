@@ -110,13 +110,14 @@ class LatentSearchJob(JobKind):
         generator = context.model(message.generator, f"{FIELD}.generator", ("generator",))
         classes = self._classes(message, generator)
         scorer_ref = self._default_scorer(message, context, generator)
-        terms = self._terms(message, context, generator, scorer_ref, classes)
+        discriminator = self._paired(message.discriminator, context, generator, "discriminator", ("discriminator",))
+        defaults = {"discriminator": common_pb2.ModelRef(name=discriminator)} if discriminator else {}
+        terms = self._terms(message, context, generator, scorer_ref, classes, defaults)
         config = self._config(message, context, generator, classes, terms)
-        judge = discriminator = classifier = None
+        judge = classifier = None
         if classes:
             judge = self._paired(message.judge, context, generator, "judge", ("classifier",))
             classifier = next((t.model for t in terms if t.role == "classifier" and t.fills_class), None)
-        discriminator = self._paired(message.discriminator, context, generator, "discriminator", ("discriminator",))
         return LatentSearchJobSpec(
             generator=generator.ref,
             terms=terms,
@@ -161,7 +162,10 @@ class LatentSearchJob(JobKind):
         generator: ModelCard,
         scorer_ref: common_pb2.ModelRef,
         classes: tuple[int, ...],
+        role_defaults: dict[str, common_pb2.ModelRef],
     ) -> tuple[ObjectiveTermSpec, ...]:
+        """The objective's terms; a term naming no model takes its role's default (`realism`: the job's
+        discriminator, the spec's or the generator card's pair), else the job's scorer."""
         given = list(message.objective)
         if not given:
             given = [scoring_pb2.ObjectiveTerm(output=scoring_pb2.OutputRequest(output=DEFAULT_OUTPUT), weight=1.0)]
@@ -191,7 +195,7 @@ class LatentSearchJob(JobKind):
                 )
             card = None
             if spec.model is not None:
-                ref = term.output.model if term.output.model.name else scorer_ref
+                ref = term.output.model if term.output.model.name else role_defaults.get(spec.model, scorer_ref)
                 card = context.model(ref, f"{field}.output.model", _ROLE_KINDS[spec.model])
                 if roles.setdefault(spec.model, card.ref) != card.ref:
                     raise invalid_argument(
