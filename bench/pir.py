@@ -402,7 +402,8 @@ def _hacked(view: dict[str, Any]) -> str:
         reasons.append(f"judge accuracy -{view['judge_accuracy_drop']:.3f}")
     if not reasons:
         return ""
-    return f"hacked the estimator (estimated {view['estimated_change']:+.4f}; " + ", ".join(reasons) + ")"
+    size = "" if view["estimated_change"] >= 0.01 else ", under one bin width: weak evidence"
+    return f"hacked the estimator (estimated {view['estimated_change']:+.4f}{size}; " + ", ".join(reasons) + ")"
 
 
 def _guard_view(result: dict[str, Any]) -> dict[str, Any]:
@@ -514,6 +515,22 @@ def write_doc(report: dict[str, Any], path: Path) -> None:
             f"| {v['tuning']['kept_step']}/{v['tuning']['steps_run']} |"
         )
     failed = [name for name in objectives if name not in passing]
+    if passing and failed:
+        most_zero = max(((n, v["near_zero_share"]) for n, v in objectives.items()), key=lambda item: item[1])
+        spread = {label: float(np.mean([objectives[n]["data"]["std"] for n in names]))
+                  for label, names in (("passing", passing), ("failing", failed))}  # fmt: skip
+        mae = {label: float(np.mean([objectives[n]["estimators"][0]["held_out_mae"] / objectives[n]["data"]["std"]
+                                     for n in names]))
+               for label, names in (("passing", passing), ("failing", failed))}  # fmt: skip
+        lines += [
+            "",
+            f"As the seed found (appendix A.2), the spread of the collected rates predicts success: the data's sd "
+            f"averages {spread['passing']:.3f} where tuning succeeded and {spread['failing']:.3f} where it failed. "
+            f"The estimator's held-out error is {mae['passing']:.2f} of the data's sd on the first and "
+            f"{mae['failing']:.2f} on the second: where tuning failed, the estimator had learned less of the rate. "
+            f"The largest near-zero share here is {most_zero[1]:.1%} ({most_zero[0]}), so the seed's other "
+            "predictor (many rates under one bin width) does not separate them.",
+        ]
     lines += [
         "",
         "Objectives that fail a bar: "
@@ -580,6 +597,13 @@ def write_doc(report: dict[str, Any], path: Path) -> None:
             f"| {name} | {value['round_1']['cohens_d']:.2f} | {r2['cohens_d']:.2f} | {r2['p_value']:.2g} "
             f"| {r2['judge_accuracy_drop']:.3f} | {r2['fid_builtin_ratio']:.2f} |"
         )
+    kept = [name for name, value in report["round_2"].items() if value["round_2"]["tuning"]["kept_step"] == 0]
+    if kept:
+        lines += [
+            "",
+            f"In round 2 of {', '.join(kept)} the retrained check estimator rated no tuning step above the round-1 "
+            "generator, so the guard kept it: round 2 adds nothing here, like the seed's mixed second iteration.",
+        ]
     lines += ["", METHOD.format(**sizes), USAGE]
     path.write_text("\n".join(lines) + "\n")
 
