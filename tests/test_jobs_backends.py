@@ -1,7 +1,8 @@
 """One algorithm code path, two placements of the models (decision 1): the same inversion on the local backend and
 on the remote one (the generation and scoring services, started in this process) gives the same result.
 
-The job path runs on Celery's in-memory transport with an in-thread worker (the embedded mode's machinery).
+The job path runs on the real Redis (broker and store) with an in-thread worker; the embedded mode's in-memory
+transport has its own test below.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JobStack]:
     stack = JobStack(
         root,
         env={"GANSTEER_GENERATION_ADDRESS": services[0].address, "GANSTEER_SCORING_ADDRESS": services[1].address},
-        overrides={"broker_url": "memory://"},
     )
     try:
         yield stack
@@ -77,7 +77,7 @@ def test_the_same_inversion_on_the_local_and_the_remote_backend_agrees(
     np.testing.assert_allclose(remote_images, local_images, atol=1e-4)
 
 
-def test_a_remote_backend_job_through_the_in_memory_transport_matches_a_local_one(stack: JobStack) -> None:
+def test_a_remote_backend_job_through_redis_and_a_worker_matches_a_local_one(stack: JobStack) -> None:
     stub = stack.start_server()[1]
     latents = {}
     with start_worker_thread(stack.settings):
