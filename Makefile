@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: setup browser demo test lint format protos zoo zoo-eval up generation scoring optimization worker web images load clean
+.PHONY: setup browser demo test lint format protos zoo zoo-eval up generation scoring optimization worker web images load stress clean
 
 $(INSTALLED): services/pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -91,6 +91,10 @@ TORCH_THREADS ?= 1
 load: setup
 	$(BIN)/python deploy/locust/load.py --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) \
 		--torch-threads $(TORCH_THREADS) --out out/load $(if $(LOAD_REDIS_URL),--redis-url $(LOAD_REDIS_URL))
+
+# `make test` three times in a row beside two busy processes (both cores here busy): tests must wait on events.
+stress: setup
+	$(BIN)/python bench/stress.py --runs 3 --busy 2 -- $(MAKE) test
 
 clean:
 	rm -rf $(VENV) out var
