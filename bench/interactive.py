@@ -13,7 +13,7 @@ generation service and perceiving it with the scoring service. How each figure i
 
 - hevol_win_rate: 30 hidden targets rendered by the data set's renderer with a seed no model saw (`render_scenes(30,
   seed=TARGET_SEED)`; training and evaluation used 100-500, bench/inversion.py 900). For each, an
-  `interactive_evolution` job at its defaults (mu 5 of 28 shown, the picks shown again, mutation rate 0.1 self-adapted,
+  `interactive_evolution` job at its defaults (mu 5 of 28 shown, the picks shown again, mutation rate 0.2 fixed,
   class vector evolved by recombination) runs 6 rounds answered by a simulated person (features of `scenes-clf` layers
   stage2 and penultimate, noise 0.05 of its scale, no position bias); its result is the person's first pick of round 6.
   Random search shows the same person the same number of images (6 x 28 prior draws, random classes) and keeps the one

@@ -45,28 +45,35 @@ ROUNDS, SHOWN, NOISE = 6, 28, 0.05
 REPLICATES = 4  # random searches per target
 
 ONE_OVER_D = 1 / 128  # scenes-gen's latent size
-OLD = {"keep_picks": False, "class_mutation": "coordinates"}  # the kind's defaults before this tuning
-#: EvolutionConfig overrides; each names everything it changes from the defaults of the time it was measured.
+ADAPT, FIXED = {"adapt_mutation_rate": True}, {"adapt_mutation_rate": False}
+OLD = {"keep_picks": False, "class_mutation": "coordinates", **ADAPT}  # the kind's defaults before this tuning
+#: EvolutionConfig overrides, each naming every setting it measures (the defaults moved while tuning).
 VARIANTS: dict[str, dict[str, Any]] = {
     "previous": {**OLD, "mutation_rate": ONE_OVER_D},
-    "nokeep_0.1": {**OLD, "mutation_rate": 0.1},
-    "nokeep_0.2": {**OLD, "mutation_rate": 0.2},
     **{
-        f"keep_{name}": {"class_mutation": "coordinates", "mutation_rate": rate}
+        f"keep_{name}": {"keep_picks": True, "class_mutation": "coordinates", "mutation_rate": rate, **ADAPT}
         for name, rate in [("1/d", ONE_OVER_D), ("0.05", 0.05), ("0.1", 0.1), ("0.2", 0.2), ("0.3", 0.3), ("0.5", 0.5)]
     },
-    "keep_0.1_fixed": {"class_mutation": "coordinates", "mutation_rate": 0.1, "adapt_mutation_rate": False},
-    "keep_0.2_fixed": {"class_mutation": "coordinates", "mutation_rate": 0.2, "adapt_mutation_rate": False},
-    "keep_0.1_rowclass": {"class_mutation": "row", "mutation_rate": 0.1},
-    "keep_0.1_fresh5": {"class_mutation": "coordinates", "mutation_rate": 0.1, "fresh": 5},
-    "keep_0.1_noclass": {"class_mutation": "none", "mutation_rate": 0.1},
-    "noclass_0.05": {"class_mutation": "none", "mutation_rate": 0.05},
-    "noclass_0.2": {"class_mutation": "none", "mutation_rate": 0.2},
-    "noclass_0.1_fixed": {"class_mutation": "none", "mutation_rate": 0.1, "adapt_mutation_rate": False},
-    "noclass_0.05_fixed": {"class_mutation": "none", "mutation_rate": 0.05, "adapt_mutation_rate": False},
-    "noclass_0.2_fixed": {"class_mutation": "none", "mutation_rate": 0.2, "adapt_mutation_rate": False},
-    "noclass_0.1_fresh5": {"class_mutation": "none", "mutation_rate": 0.1, "fresh": 5},
-    "default": {},
+    "keep_0.1_fixed": {"keep_picks": True, "class_mutation": "coordinates", "mutation_rate": 0.1, **FIXED},
+    "keep_0.2_fixed": {"keep_picks": True, "class_mutation": "coordinates", "mutation_rate": 0.2, **FIXED},
+    "keep_0.1_rowclass": {"keep_picks": True, "class_mutation": "row", "mutation_rate": 0.1, **ADAPT},
+    "keep_0.3_rowclass": {"keep_picks": True, "class_mutation": "row", "mutation_rate": 0.3, **ADAPT},
+    **{
+        f"keep_{rate}_fresh{fresh}": {
+            "keep_picks": True,
+            "class_mutation": "coordinates",
+            "mutation_rate": rate,
+            "fresh": fresh,
+            **ADAPT,
+        }
+        for rate, fresh in [(0.1, 5), (0.3, 5), (0.1, 10)]
+    },
+    "keep_0.1_noclass": {"keep_picks": True, "class_mutation": "none", "mutation_rate": 0.1, **ADAPT},
+    "noclass_0.2": {"keep_picks": True, "class_mutation": "none", "mutation_rate": 0.2, **ADAPT},
+    "noclass_0.1_fixed": {"keep_picks": True, "class_mutation": "none", "mutation_rate": 0.1, **FIXED},
+    "noclass_0.2_fixed": {"keep_picks": True, "class_mutation": "none", "mutation_rate": 0.2, **FIXED},
+    "noclass_0.3_fixed": {"keep_picks": True, "class_mutation": "none", "mutation_rate": 0.3, **FIXED},
+    "default": {},  # the kind's defaults now: the picks again, class recombined only, rate 0.2 fixed
 }
 
 

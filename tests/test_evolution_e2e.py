@@ -99,6 +99,9 @@ def test_none_is_good_undo_and_a_step_size_and_bad_answers_refused_naming_the_fi
     with pytest.raises(InvalidArgument) as caught:
         job.feedback(first, choice=[0, 1, 2], step_size=2.0)
     assert caught.value.field == "choice.step_size"
+    with pytest.raises(InvalidArgument) as caught:
+        client.evolve(model=GEN, fixed_mutation_rate=True, adapt_mutation_rate=True)
+    assert caught.value.field == "spec.interactive_evolution.fixed_mutation_rate"
 
     job.feedback(first, action="none_good", idempotency_key="none-1")
     again = job.feedback(first, action="none_good", idempotency_key="none-1")  # a double click

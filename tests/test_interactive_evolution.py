@@ -101,8 +101,18 @@ def test_class_mutation_options_change_the_vector_as_named() -> None:
         EvolutionConfig(class_mutation="some")  # type: ignore[arg-type]
 
 
-def test_a_step_size_sets_the_mutation_rate_and_adaptation_follows_the_picks() -> None:
+def test_the_rate_stays_fixed_by_default() -> None:
     evolution = run(seed=2)
+    evolution.open_round()
+    evolution.tell("pick", [0, 1, 2, 3, 4])
+    second = evolution.open_round()
+    assert evolution.rate == DEFAULT_MUTATION_RATE and torch.all(second.rates[6:] == DEFAULT_MUTATION_RATE)
+    evolution.tell("pick", [6, 7, 8, 9, 10])
+    assert evolution.rate == DEFAULT_MUTATION_RATE
+
+
+def test_a_step_size_sets_the_mutation_rate_and_adaptation_follows_the_picks() -> None:
+    evolution = run(seed=2, adapt_mutation_rate=True)
     first = evolution.open_round()
     evolution.tell("pick", [0, 1, 2, 3, 4], step_size=0.5)
     assert evolution.rate == 0.5

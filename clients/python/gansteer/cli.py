@@ -796,7 +796,7 @@ def build_parser() -> argparse.ArgumentParser:
     evolve.add_argument("--model", default="scenes-gen", help="generator (default scenes-gen)")
     evolve.add_argument("--mu", type=int, help="picks per round (server default 5)")
     evolve.add_argument("--offspring", type=int, help="lambda: each round shows 1 + offspring images (default 27)")
-    evolve.add_argument("--mutation-rate", type=float, help="the step size (default 0.1, self-adapted)")
+    evolve.add_argument("--mutation-rate", type=float, help="the step size (default 0.2, fixed)")
     evolve.add_argument("--rounds", type=int, default=6, help="rounds to answer (default 6; 0: until cancelled)")
     evolve.add_argument("--class", dest="conditioned_class", metavar="CLASS", help="hold this class fixed")
     evolve.add_argument("--seed", type=int)

@@ -17,15 +17,16 @@ from gansteer.v1 import optimization_pb2
 class EvolutionOptions(JobOptions, total=False):
     """The settings of an interactive evolution (optimization.proto, InteractiveEvolutionSpec) besides its generator.
     Every one is optional; an unset one takes the server's default (the seed's 5 picks of 28 images; the picks shown
-    again beside their recombination and offspring; mutation rate 0.1, self-adapted)."""
+    again beside their recombination and offspring; mutation rate 0.2, fixed)."""
 
     mu: int  # picks per round (5)
     offspring: int  # lambda: each round shows 1 + offspring images (27)
-    mutation_rate: float  # the step size: probability of resampling each latent coordinate (0: the server's, 0.1)
+    mutation_rate: float  # the step size: probability of resampling each latent coordinate (0: the server's, 0.2)
     rounds: int  # picks answered before the job ends on its own (0: until cancelled)
     conditioned_class: ClassSpec  # hold this class (id or name) fixed; unset: evolve the class vector too
     seed: int
-    fixed_mutation_rate: bool  # no self-adaptation of the mutation rate
+    fixed_mutation_rate: bool  # no self-adaptation of the mutation rate (the default now; kept for old callers)
+    adapt_mutation_rate: bool  # self-adapt the mutation rate (the seed's automatic update of the rates)
     round_expiry_s: float  # how long a round waits for its answer (0: the server's default)
     backend: Backend
 
@@ -57,6 +58,7 @@ def evolution_spec(
         rounds=options.get("rounds", 0),
         seed=options.get("seed", 0),
         fixed_mutation_rate=options.get("fixed_mutation_rate", False),
+        adapt_mutation_rate=options.get("adapt_mutation_rate", False),
         round_expiry_s=options.get("round_expiry_s", 0.0),
     )
     if "conditioned_class" in options:

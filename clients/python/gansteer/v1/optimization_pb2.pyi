@@ -374,7 +374,7 @@ class HumanNESSpec(_message.Message):
     def __init__(self, generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., basis: _Optional[str] = ..., basis_images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., basis_components: _Optional[int] = ..., basis_scenes: _Optional[int] = ..., sigma: _Optional[float] = ..., images: _Optional[int] = ..., pairs_per_image: _Optional[int] = ..., rounds: _Optional[int] = ..., raters_per_pair: _Optional[int] = ..., answer_levels: _Optional[int] = ..., learning_rate: _Optional[float] = ..., condition: _Optional[_Union[_common_pb2.ClassCondition, _Mapping]] = ..., register_as: _Optional[str] = ..., round_expiry_s: _Optional[float] = ..., seed: _Optional[int] = ..., forking_reference: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., feature_extractor: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ...) -> None: ...
 
 class InteractiveEvolutionSpec(_message.Message):
-    __slots__ = ("generator", "mu", "offspring", "mutation_rate", "rounds", "condition", "seed", "fixed_mutation_rate", "round_expiry_s", "backend")
+    __slots__ = ("generator", "mu", "offspring", "mutation_rate", "rounds", "condition", "seed", "fixed_mutation_rate", "round_expiry_s", "backend", "adapt_mutation_rate")
     GENERATOR_FIELD_NUMBER: _ClassVar[int]
     MU_FIELD_NUMBER: _ClassVar[int]
     OFFSPRING_FIELD_NUMBER: _ClassVar[int]
@@ -385,6 +385,7 @@ class InteractiveEvolutionSpec(_message.Message):
     FIXED_MUTATION_RATE_FIELD_NUMBER: _ClassVar[int]
     ROUND_EXPIRY_S_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    ADAPT_MUTATION_RATE_FIELD_NUMBER: _ClassVar[int]
     generator: _common_pb2.ModelRef
     mu: int
     offspring: int
@@ -395,7 +396,8 @@ class InteractiveEvolutionSpec(_message.Message):
     fixed_mutation_rate: bool
     round_expiry_s: float
     backend: Backend
-    def __init__(self, generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., mu: _Optional[int] = ..., offspring: _Optional[int] = ..., mutation_rate: _Optional[float] = ..., rounds: _Optional[int] = ..., condition: _Optional[_Union[_common_pb2.ClassCondition, _Mapping]] = ..., seed: _Optional[int] = ..., fixed_mutation_rate: _Optional[bool] = ..., round_expiry_s: _Optional[float] = ..., backend: _Optional[_Union[Backend, str]] = ...) -> None: ...
+    adapt_mutation_rate: bool
+    def __init__(self, generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., mu: _Optional[int] = ..., offspring: _Optional[int] = ..., mutation_rate: _Optional[float] = ..., rounds: _Optional[int] = ..., condition: _Optional[_Union[_common_pb2.ClassCondition, _Mapping]] = ..., seed: _Optional[int] = ..., fixed_mutation_rate: _Optional[bool] = ..., round_expiry_s: _Optional[float] = ..., backend: _Optional[_Union[Backend, str]] = ..., adapt_mutation_rate: _Optional[bool] = ...) -> None: ...
 
 class JobSpec(_message.Message):
     __slots__ = ("inversion", "embedding_am", "latent_search", "pir_tuning", "human_nes", "interactive_evolution", "pir_estimator", "priority", "time_limit_s", "idempotency_key", "labels", "preview_every")

@@ -16,11 +16,13 @@ The next round shows
   latent coordinate resampled from the prior with probability `mutation_rate`, again until at least one was.
 
 Algorithm 1 states the rate 1/d; the study's HEVOL does not state its rate, only that it updates the mutation rates
-automatically. Here each offspring draws its own rate, the current one times 2^u with u uniform in [-2, 2], and the
-next rate is the geometric mean of the picks' rates (self-adaptation: rates that bred picked images survive). The
-starting rate, DEFAULT_MUTATION_RATE, was chosen by measurement (bench/interactive_tune.py, on targets apart from
-the benchmark's): 1/d changes one or two of 128 coordinates per offspring and six rounds barely leave the first
-round's picks. A person may also set the rate (the step size) with an answer.
+automatically. The default, a fixed DEFAULT_MUTATION_RATE (0.2: about 26 of `scenes-gen`'s 128 coordinates an
+offspring), was chosen by measurement (bench/interactive_tune.py, on targets apart from the benchmark's): at 1/d an
+offspring differs from its pick in one or two coordinates and six rounds barely leave the first round's picks, and
+self-adaptation (`adapt_mutation_rate`: each offspring draws its own rate, the current one times 2^u with u uniform
+in [-2, 2], and the next rate is the geometric mean of the picks' rates) measured worse than a fixed rate: with the
+picks shown again and a noisy person, small-step offspring, near copies of a good pick, get picked and the rate
+drifts down. A person may also set the rate (the step size) with an answer.
 
 Besides picking, an answer may say that none is good (the round is drawn again: fresh offspring of the same picks,
 or fresh prior draws in the first round) or undo (the previous round is shown again and its picks forgotten).
@@ -52,7 +54,7 @@ from torch import Tensor
 Action = Literal["pick", "none_good", "undo"]
 ClassMutation = Literal["none", "coordinates", "row"]
 #: The starting mutation rate when a config gives 0, chosen by measurement (see the module's docstring).
-DEFAULT_MUTATION_RATE = 0.1
+DEFAULT_MUTATION_RATE = 0.2
 #: Self-adaptation: offspring rates are the current rate times 2^u, u ~ U[-ADAPT_OCTAVES, ADAPT_OCTAVES].
 ADAPT_OCTAVES = 2.0
 
@@ -65,7 +67,7 @@ class EvolutionConfig:
     offspring: int = 27  # lambda
     mutation_rate: float = 0.0  # probability of resampling each coordinate; 0: DEFAULT_MUTATION_RATE
     rounds: int = 0  # picks answered before the run is done; 0: never done on its own
-    adapt_mutation_rate: bool = True
+    adapt_mutation_rate: bool = False  # self-adaptation (below); measured worse than a fixed rate
     seed: int = 0
     keep_picks: bool = True  # show the picks again, unchanged, in the round they breed (the plus selection)
     fresh: int = 0  # prior draws in each bred round, in place of offspring

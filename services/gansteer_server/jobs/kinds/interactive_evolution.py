@@ -64,7 +64,8 @@ class InteractiveEvolutionJob(JobKind):
         "rounds": "0: until cancelled",
         "condition": "evolve the class vector (class-conditional generators)",
         "seed": 0,
-        "fixed_mutation_rate": False,
+        "fixed_mutation_rate": "the rate is fixed unless adapt_mutation_rate",
+        "adapt_mutation_rate": False,
         "round_expiry_s": "deployment default",
         "backend": "deployment default",
     }
@@ -84,7 +85,7 @@ class InteractiveEvolutionJob(JobKind):
             )
         rate = message.mutation_rate
         if not (math.isfinite(rate) and 0 <= rate <= 1):
-            message_text = f"must lie in [0, 1] (0: {DEFAULT_MUTATION_RATE}, self-adapted), got {rate}"
+            message_text = f"must lie in [0, 1] (0: {DEFAULT_MUTATION_RATE}), got {rate}"
             raise invalid_argument(f"{FIELD}.mutation_rate", message_text)
         if not 0 <= message.rounds <= context.settings.max_budget:
             raise invalid_argument(
@@ -96,13 +97,16 @@ class InteractiveEvolutionJob(JobKind):
                 f"{FIELD}.round_expiry_s",
                 f"must be 0 (the default) to {context.settings.round_expiry_s:g} s, got {expiry}",
             )
+        if message.fixed_mutation_rate and message.adapt_mutation_rate:
+            message_text = "a fixed rate cannot also self-adapt; leave fixed_mutation_rate unset (the default now)"
+            raise invalid_argument(f"{FIELD}.fixed_mutation_rate", message_text)
         class_id = self._class(message, classes, card.ref)
         config = EvolutionConfig(
             mu=mu,
             offspring=offspring,
             mutation_rate=rate,
             rounds=message.rounds,
-            adapt_mutation_rate=not message.fixed_mutation_rate,
+            adapt_mutation_rate=message.adapt_mutation_rate,
             seed=message.seed,
         )
         return EvolutionJobSpec(
