@@ -52,7 +52,7 @@ class InversionOptions(JobOptions, OptimizerOptions, BudgetOptions, total=False)
     latent_shell: bool  # hold z on its prior's shell (server default True)
     seed: int
     backend: Backend  # where the worker runs the models: "local" or "remote"; default: the deployment's
-    initial_latents: npt.ArrayLike  # float32 [targets * restarts, latent_size]
+    initial_latents: npt.ArrayLike  # float32 [targets * restarts, latent_size]; the server refuses it for now
 
 
 @dataclass(frozen=True)
