@@ -1,6 +1,7 @@
 """Tuning HEVOL's defaults on targets apart from the benchmark's, in one process (no services, no workers).
 
-    python bench/interactive_tune.py --targets 60 --variants default,no_keep,...
+    python bench/interactive_tune.py --targets 40 --variants previous,default           # the tuning set (seed 7300)
+    python bench/interactive_tune.py --targets 60 --seed 7500 --variants default --out F  # the validation set
 
 The benchmark (`bench/interactive.py`) is what reports `hevol_win_rate`; this script is how its defaults were chosen,
 on other hidden targets (`render_scenes(n, seed=TUNE_SEED)`, a seed neither the benchmark nor any model uses), so the
@@ -9,8 +10,10 @@ the same `gansteer.simulate.SimulatedPerson` (its perception asked of an in-proc
 service: the same `scenes-clf` layers, images quantised to 8 bits as the wire does), an `EvolutionRun` answered for 6
 rounds (its result the person's first pick of round 6), and random search shown 6 x 28 prior draws with random
 classes, the best by the person's perception; a win is the HEVOL image closer to the target by the person's
-noiseless distance (ties half). Variants are `EvolutionConfig` overrides; every variant sees the same targets and
-the same person seeds. Writes `bench/results/interactive_tune.json`.
+noiseless distance (ties half), also counted against 4 random searches per target (`REPLICATES`). Variants are
+`EvolutionConfig` overrides; every variant sees the same targets and the same person seeds. Writes `--out` in
+bench/results (default `interactive_tune.json`); the committed `interactive_tune.json` gathers the runs that chose
+the defaults (docs/interactive.md).
 """
 
 from __future__ import annotations
