@@ -827,6 +827,12 @@ def write_doc(results: dict[str, Any], report: str, docs: Path) -> None:
         + ", ".join(f"{case} {row['ratio']:.2f}" for case, row in results["half_budget"].items())
         + '. For reconstruction and editing of the generator\'s own images, ask for `class_vector="free"`.',
         "",
+        "Gradient-free optimizers run as the seed ran them: nevergrad's default parameters (IV-C), told the budget in "
+        "evaluations. With those defaults DiscreteDE starts from a population of 30 random points and then changes "
+        "about one of d coordinates per offspring (crossover 1/d), so at 100 and 300 calls it has hardly left its "
+        "random start and random search, which draws every call afresh, does as well or better; it pulls ahead at "
+        "1,000 calls, the seed's budget.",
+        "",
         "What the realism term can and cannot do: it adds lambda_r times minus the discriminator's score (Table I: "
         "0.1 in `l2+features`). It pulls results toward what the discriminator rates real, but a larger weight games "
         "the discriminator (scores above real images' without better images) rather than bringing the search back "
