@@ -652,11 +652,21 @@ USAGE = """## Using it: interactions, estimator and tuning jobs
 its own image id, a rater or cohort id and the time shown:
 
 ```python
-client.report_impressions("homepage", [
-    {"generator": "scenes-gen@1", "seed": 17, "class_id": 2, "impressions": 1000, "interactions": 131,
-     "image_id": "hero-17", "cohort": "eu"},
-])                                                    # -> (recorded, table size, duplicate)
-rows = client.impressions("homepage")                 # the table, oldest first, with reporter/received_at/source
+client.report_impressions(
+    "homepage",
+    [
+        {
+            "generator": "scenes-gen@1",
+            "seed": 17,
+            "class_id": 2,
+            "impressions": 1000,
+            "interactions": 131,
+            "image_id": "hero-17",
+            "cohort": "eu",
+        },
+    ],
+)  # -> (recorded, table size, duplicate)
+rows = client.impressions("homepage")  # the table, oldest first, with reporter/received_at/source
 ```
 
 `gansteer impressions report homepage rows.csv` and `gansteer impressions export homepage --out t.csv` do the same

@@ -32,7 +32,10 @@ REDIS_URL = os.environ.get("GANSTEER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"
 SMOKE = [
     (r"\bbudget=(?!600\b)\d+", "budget=3"),
     (r"\bbudget=600\b", "budget=30"),  # generator calls: two CMA-ES populations
-    (r"\bsteps=200\b", "steps=2"),
+    (r"\bsteps=\d+", "steps=2"),
+    (r"\bsimulate_images=\d+", "simulate_images=220"),  # 100 bins per estimator, two estimators
+    (r"\bepochs=\d+", "epochs=1"),
+    (r"\beval_images=\d+", "eval_images=40"),
     (r"\btrials=5\b", "trials=2"),
     (r"\brounds=\d+", "rounds=1"),
     (r"\brestarts=\d+", "restarts=1"),
