@@ -58,11 +58,12 @@ class Kind:
         """The scalar proto fields an option is sent in: its own name in the kind's spec, the optimizer or the
         JobSpec (the SDK names options after their fields), or the budget's amount."""
         spec = optimization_pb2.JobSpec.DESCRIPTOR.fields_by_name[self.name].message_type._concrete_class
+        # Number fields only: an int given for a text field (a class id sent as text) is its builder's to convert.
         found = [
             (message, option)
             for message in (spec, optimization_pb2.Optimizer, optimization_pb2.JobSpec)
             if option in message.DESCRIPTOR.fields_by_name
-            and message.DESCRIPTOR.fields_by_name[option].message_type is None
+            and message.DESCRIPTOR.fields_by_name[option].type in _FIELD_KINDS
         ]
         return [*found, (optimization_pb2.Budget, "amount")] if option == "budget" else found
 
