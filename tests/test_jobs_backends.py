@@ -17,9 +17,11 @@ from job_fixtures import JobStack, build_registry, final_state, inversion_spec, 
 
 from gansteer.tensors import from_tensor_proto
 from gansteer.v1 import optimization_pb2
+from gansteer_server.algorithms.inversion import CriterionWeights
 from gansteer_server.jobs.backends import LocalBackend, RemoteBackend
 from gansteer_server.jobs.kinds import SubmitContext
 from gansteer_server.jobs.kinds.inversion import InversionJob
+from gansteer_server.jobs.specs import decode_spec, encode_spec
 from gansteer_server.jobs.worker import start_worker_thread
 from gansteer_server.models import ModelRegistry
 from gansteer_server.servers.app import start_generation_server, start_scoring_server
@@ -102,6 +104,21 @@ def test_everything_in_this_process_without_redis(tmp_path: Path) -> None:
         assert stub.GetResult(S.GetResultRequest(job_id=job_id), timeout=10).result.metrics["steps"] == 6
     finally:
         stack.close()
+
+
+def test_free_weights_reach_the_worker_through_the_stored_spec(stack: JobStack) -> None:
+    """Weights given one by one (not a preset) survive the spec's bytes in the store and drive the worker's run."""
+    registry = ModelRegistry([stack.registry_root])
+    spec = inversion_spec(budget=4, lambda_s=0.25, lambda_l=7.5, lambda_nu=0.0, lambda_r=0.5, conditioned_class=1)
+    kind = InversionJob()
+    parsed = kind.parse(spec.inversion, SubmitContext(stack.settings, registry))
+    stored = decode_spec(type(parsed), encode_spec(parsed))  # what the worker reads back
+    given = CriterionWeights(features=0.25, pixel_l2=7.5, latent_norm=0.0, realism=0.5)
+    assert stored.config.criterion_weights == given
+    run = kind.start(stored, LocalBackend(registry), stack.settings)
+    assert run.run.criterion.weights == given  # type: ignore[attr-defined]
+    progress = run.step()
+    assert progress.criterion["total"] > 0
 
 
 def test_the_remote_generator_gradient_matches_autograd(stack: JobStack) -> None:
