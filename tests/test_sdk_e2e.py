@@ -6,6 +6,7 @@ One stack serves the whole module (starting one costs seconds); each test submit
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import uuid
@@ -20,11 +21,13 @@ import redis
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from gansteer import (
+    AsyncClient,
     Client,
     InvalidArgument,
     InversionResult,
     JobCancelled,
     JobState,
+    JobStatus,
     NotFound,
     ProgressEvent,
     ResultEvent,
@@ -145,6 +148,30 @@ def test_invert_watch_result_and_reattach(stack: Stack, client: Client, tmp_path
         again = attached.result()
         assert np.array_equal(again.latents, result.latents)
         assert job.id in [j.id for j in other.jobs(limit=20)]
+
+
+def test_the_async_client_runs_jobs_side_by_side(stack: Stack) -> None:
+    """Several calls on one AsyncClient at once: two inversions submitted and awaited together, listed, fetched."""
+    run = uuid.uuid4().hex[:8]
+    target = np.random.default_rng(5).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+    async def story() -> tuple[list[JobStatus], list[str], list[str], list[int]]:
+        async with AsyncClient(
+            stack.optimization_address,
+            generation_target=stack.generation_address,
+            scoring_target=stack.scoring_address,
+        ) as client:
+            jobs = await asyncio.gather(
+                *(client.invert(target, model=GENERATOR, budget=3, seed=i, labels={"run": run}) for i in range(2))
+            )
+            finals = await asyncio.gather(*(job.wait() for job in jobs))
+            listed = [status.id async for status in client.jobs(labels={"run": run})]
+            results = await asyncio.gather(*(job.result() for job in jobs))
+            return list(finals), listed, [job.id for job in jobs], [len(r.images) for r in results]
+
+    finals, listed, submitted, counts = asyncio.run(story())
+    assert [status.state for status in finals] == [JobState.SUCCEEDED] * 2
+    assert sorted(listed) == sorted(submitted) and counts == [1, 1]
 
 
 def test_cancel_stops_a_running_job(client: Client) -> None:
