@@ -821,9 +821,9 @@ def write_doc(results: dict[str, Any], report: str, docs: Path) -> None:
         "Each row: the target, the seed's free search, the default.",
         "",
         "The trade-off: on targets the generator made itself (reconstruction) the simplex can cost fidelity, since "
-        "reaching one row exactly means driving a softmax to a vertex (slow for Adam; L-BFGS's curvature pairs make "
-        "it quick); the default preset at half the calls over the seed's Adam at all of them (`half_budget`, < 1 is "
-        "better): "
+        "reaching one row exactly means driving a softmax to a vertex (slow for Adam; quicker for L-BFGS, whose "
+        "curvature pairs follow the softmax); the default preset at half the calls over the seed's Adam at all of "
+        "them (`half_budget`, < 1 is better): "
         + ", ".join(f"{case} {row['ratio']:.2f}" for case, row in results["half_budget"].items())
         + '. For reconstruction and editing of the generator\'s own images, ask for `class_vector="free"`.',
         "",
