@@ -161,7 +161,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _regenerate(args)
     if args.model is None:
         raise errors.InvalidArgument("give a generator, or --from a saved result")
-    classes = [int(c) if c.isdigit() else c for c in args.classes] if args.classes else None
+    classes = [_class(c) for c in args.classes] if args.classes else None
     # New images on every run unless a seed is given, as image-generation tools do; the seed is printed, so that
     # `--seed` brings a run's images back.
     seed = args.seed if args.seed is not None else secrets.randbits(32)
@@ -232,6 +232,16 @@ def _wait(args: argparse.Namespace, job: Job, *, cancel_on_interrupt: bool) -> N
         raise
 
 
+def _given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    """The options among `names` given on the command line (unset ones take the server's defaults)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _class(text: str) -> int | str:
+    """A class as typed: an id (digits) or a name."""
+    return int(text) if text.isdigit() else text
+
+
 def _out(args: argparse.Namespace, job: Job) -> Path:
     """Where a finished job's files go: `--out`, else out/JOB_ID (a result is always saved somewhere)."""
     return Path(args.out) if args.out else Path("out") / job.id
@@ -287,11 +297,10 @@ def cmd_invert(args: argparse.Namespace) -> int:
         if not Path(path).is_file():
             raise errors.InvalidArgument(f"{path}: no such file")
         targets.append(path)
-    given = {name: getattr(args, name) for name in _INVERT_OPTIONS if getattr(args, name) is not None}
+    given = _given(args, _INVERT_OPTIONS)
     options = cast(InversionOptions, given)
     if args.conditioned_class is not None:
-        cls = args.conditioned_class
-        options["conditioned_class"] = int(cls) if cls.isdigit() else cls
+        options["conditioned_class"] = _class(args.conditioned_class)
     with _client(args) as client:
         job = client.invert(targets, model=args.model, **options)
         if _announced(args, job):
@@ -411,11 +420,10 @@ def _terminal_rater(out: Path) -> Callable[[Round], Answer]:
 def cmd_evolve(args: argparse.Namespace) -> int:
     from gansteer.simulate import SimulatedPerson, Target
 
-    given = {name: getattr(args, name) for name in _EVOLVE_OPTIONS if getattr(args, name) is not None}
+    given = _given(args, _EVOLVE_OPTIONS)
     options = cast(EvolutionOptions, given)
     if args.conditioned_class is not None:
-        cls = args.conditioned_class
-        options["conditioned_class"] = int(cls) if cls.isdigit() else cls
+        options["conditioned_class"] = _class(args.conditioned_class)
     if args.simulate is not None and not Path(args.simulate).is_file():
         raise errors.InvalidArgument(f"{args.simulate}: no such file")
     out = Path(args.out)
@@ -497,11 +505,10 @@ def _terminal_pair_rater(out: Path) -> Callable[[Round], Answer]:
 def cmd_nes(args: argparse.Namespace) -> int:
     from gansteer.simulate_pairwise import PairwisePerson
 
-    given = {name: getattr(args, name) for name in _NES_OPTIONS if getattr(args, name) is not None}
+    given = _given(args, _NES_OPTIONS)
     options = cast(HumanNESOptions, given)
     if args.conditioned_class is not None:
-        cls = args.conditioned_class
-        options["conditioned_class"] = int(cls) if cls.isdigit() else cls
+        options["conditioned_class"] = _class(args.conditioned_class)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with _client(args) as client:
@@ -557,10 +564,10 @@ def _option_value(text: str) -> float:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    given = {name: getattr(args, name) for name in _SEARCH_OPTIONS if getattr(args, name) is not None}
+    given = _given(args, _SEARCH_OPTIONS)
     options = cast(LatentSearchOptions, given)
     if args.classes:
-        options["classes"] = [int(c) if c.isdigit() else c for c in args.classes]
+        options["classes"] = [_class(c) for c in args.classes]
     if args.objective:
         options["objective"] = list(args.objective)
     if args.search_class:
@@ -650,7 +657,7 @@ def _am_lines(result: EmbeddingAMResult) -> list[str]:
 
 
 def cmd_am(args: argparse.Namespace) -> int:
-    given = {name: getattr(args, name) for name in _AM_OPTIONS if getattr(args, name) is not None}
+    given = _given(args, _AM_OPTIONS)
     options = cast(EmbeddingAMOptions, given)
     if args.dry_run:
         options["dry_run"] = True
