@@ -34,6 +34,7 @@ import torch
 from google.protobuf.message import Message
 from safetensors.torch import save
 
+from gansteer import Client
 from gansteer.tensors import png_encode
 from gansteer.v1 import common_pb2, optimization_pb2, optimization_pb2_grpc
 from gansteer_server.config import Settings
@@ -45,6 +46,7 @@ from gansteer_server.models import ModelRegistry
 from gansteer_server.models.architectures import build_architecture
 from gansteer_server.models.architectures.scenes import ScenesClassifier, ScenesDiscriminator, ScenesGenerator
 from gansteer_server.proto import optimization_pb2 as opt
+from gansteer_server.servers.app import start_generation_server, start_scoring_server
 from gansteer_server.servers.optimization import RunningOptimizationService, start_optimization_server
 from gansteer_server.wire.convert import float_tensor
 
@@ -521,3 +523,26 @@ def private_redis_server(folder: Path, *, append_only: bool = False) -> Iterator
     finally:
         if server.process is not None and server.process.poll() is None:
             server.kill()
+
+
+@contextlib.contextmanager
+def sdk_stack(root: Path, *, timeout: float = 60) -> Iterator[tuple[Client, JobStack, list[str]]]:
+    """The whole stack an SDK user talks to: generation and scoring services on the tiny registry, the optimization
+    service and a worker subprocess on the real Redis; yields a Client on it, the JobStack and the three addresses
+    (optimization, generation, scoring)."""
+    stack = JobStack(root)
+    settings = make_settings(stack.registry_root)
+    generation = start_generation_server(settings, port=0, metrics_port=0)
+    scoring = start_scoring_server(settings, port=0, metrics_port=0)
+    try:
+        optimization, _ = stack.start_server()
+        stack.start_worker()
+        addresses = [optimization.address, generation.address, scoring.address]
+        with Client(
+            addresses[0], generation_target=addresses[1], scoring_target=addresses[2], timeout=timeout
+        ) as client:
+            yield client, stack, addresses
+    finally:
+        stack.close()
+        generation.stop(grace=None)
+        scoring.stop(grace=None)

@@ -13,13 +13,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from job_fixtures import CLF, GEN, JobStack, make_settings, target_png
+from job_fixtures import CLF, GEN, sdk_stack, target_png
 
 from gansteer import Client, InvalidArgument, JobState, RoundClosed, load_result
 from gansteer.simulate import SimulatedPerson, Target
 from gansteer.types import Round
 from gansteer_server.algorithms.interactive import DEFAULT_MUTATION_RATE
-from gansteer_server.servers.app import start_generation_server, start_scoring_server
 
 pytestmark = [pytest.mark.service, pytest.mark.job, pytest.mark.slow]
 SMALL = {"mu": 3, "offspring": 7}  # 8 images a round
@@ -27,21 +26,8 @@ SMALL = {"mu": 3, "offspring": 7}  # 8 images a round
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Client, list[str]]]:
-    stack = JobStack(tmp_path_factory.mktemp("evolution"))
-    settings = make_settings(stack.registry_root)
-    generation = start_generation_server(settings, port=0, metrics_port=0)
-    scoring = start_scoring_server(settings, port=0, metrics_port=0)
-    try:
-        optimization, _ = stack.start_server()
-        stack.start_worker()
-        with Client(
-            optimization.address, generation_target=generation.address, scoring_target=scoring.address, timeout=30
-        ) as connected:
-            yield connected, [optimization.address, generation.address, scoring.address]
-    finally:
-        stack.close()
-        generation.stop(grace=None)
-        scoring.stop(grace=None)
+    with sdk_stack(tmp_path_factory.mktemp("evolution"), timeout=30) as (client, _, addresses):
+        yield client, addresses
 
 
 def next_round(job: Any, after: str = "") -> Round:

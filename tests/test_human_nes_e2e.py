@@ -11,13 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from job_fixtures import DISC, GEN, JobStack, make_settings, target_png
+from job_fixtures import DISC, GEN, JobStack, sdk_stack, target_png
 
 from gansteer import Client, InvalidArgument, JobState
 from gansteer.simulate_pairwise import PairwisePerson
 from gansteer.types import AnswerKind, Round
 from gansteer_server.models import ModelRegistry
-from gansteer_server.servers.app import start_generation_server, start_scoring_server
 
 pytestmark = [pytest.mark.service, pytest.mark.job, pytest.mark.slow]
 Services = tuple[Client, JobStack, list[str]]  # the client, the job stack, the three services' addresses
@@ -26,21 +25,8 @@ SMALL = {"images": 3, "pairs_per_image": 4, "basis_scenes": 40, "basis_component
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
-    stack = JobStack(tmp_path_factory.mktemp("human-nes"))
-    settings = make_settings(stack.registry_root)
-    generation = start_generation_server(settings, port=0, metrics_port=0)
-    scoring = start_scoring_server(settings, port=0, metrics_port=0)
-    try:
-        optimization, _ = stack.start_server()
-        stack.start_worker()
-        with Client(
-            optimization.address, generation_target=generation.address, scoring_target=scoring.address, timeout=60
-        ) as connected:
-            yield connected, stack, [optimization.address, generation.address, scoring.address]
-    finally:
-        stack.close()
-        generation.stop(grace=None)
-        scoring.stop(grace=None)
+    with sdk_stack(tmp_path_factory.mktemp("human-nes"), timeout=60) as running:
+        yield running
 
 
 def next_round(job: object, after: str = "") -> Round:
